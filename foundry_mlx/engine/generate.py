@@ -1,0 +1,205 @@
+"""Prefill and decode: turn a prompt into a stream of tokens.
+
+* Prefill runs the new prompt tokens through the model in chunks (MLX's batched GEMM paths), at
+  any start position: a follow-up turn prefills only what the KV cache does not already hold.
+* Decode pipelines: step n+1 is queued with `mx.async_eval` before token n is handed to Python,
+  so graph building and the host round trip overlap the GPU's work. The one `.item()` per step
+  is the token that must be emitted.
+* Stops on end-of-turn ids, stop strings (never emitting a partial match), or `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+
+from ..errors import ContextLengthError, FoundryError
+from .cache import KVCache
+from .sampling import Sampler, SamplingParams
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class GenerationResponse:
+    """One step of a stream: the new text and the running statistics."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    time_to_first_token: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str | None = None  # "stop", "length", or None while running
+
+
+@dataclass
+class Session:
+    """A KV cache and the token ids it holds, reused across the turns of a conversation."""
+
+    model: object
+    cache: list[KVCache] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.cache:
+            self.cache = self.model.make_cache()
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Keep the cached prefix shared with `ids` (at least one id left to run); return its length."""
+        shared = 0
+        for cached, new in zip(self.tokens, ids):
+            if cached != new:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1)
+        for layer_cache in self.cache:
+            layer_cache.trim(shared)
+        del self.tokens[shared:]
+        return shared
+
+
+def _encode(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
+    bos = tokenizer.id_to_token(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None
+    # A prompt rendered from a chat template may already start with BOS: never add a second one.
+    return tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    session: Session | None = None,
+    **sampling_kwargs,
+) -> Iterator[GenerationResponse]:
+    """Generate up to `max_tokens` tokens after `prompt`, yielding text as it becomes final.
+
+    `sampling` (or keyword arguments of `SamplingParams`: temperature, top_k, top_p, min_p,
+    repetition_penalty, seed) chooses the sampler; the default is greedy. Pass a `Session` to keep
+    the KV cache across calls (multi-turn chat).
+    """
+    sampling = sampling or SamplingParams(**sampling_kwargs)
+    sampler = Sampler(sampling)
+    ids = _encode(tokenizer, prompt)
+    if not ids:
+        raise FoundryError("The prompt is empty; give at least one token of text.")
+    if max_tokens < 1:
+        raise FoundryError(f"max_tokens must be at least 1, got {max_tokens}.")
+    session = session or Session(model)
+    cached = session.reuse(ids)
+    needed = len(ids) + max_tokens
+    if needed > session.context_length:
+        raise ContextLengthError(
+            f"The conversation so far ({len(ids)} tokens) plus max tokens ({max_tokens}) needs "
+            f"{needed} positions, more than the model's context of {session.context_length}; "
+            "shorten the prompt or lower --max-tokens."
+        )
+    for layer_cache in session.cache:
+        layer_cache.reserve(needed)
+
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    logits = _prefill(model, session, ids[cached:])
+    recent = mx.array(ids[-sampling.repetition_context :]) if sampling.repetition_penalty != 1.0 else None
+    token = sampler(logits, recent)
+    mx.async_eval(token)
+
+    detokenizer = tokenizer.detokenizer()
+    stops = _StopMatcher(stop)
+    eos = tokenizer.eos_token_ids
+    prompt_tokens = len(ids) - cached
+    first_token_time = prompt_time = 0.0
+    for count in range(1, max_tokens + 1):
+        if count < max_tokens:
+            # Queue step n+1 now; it runs while Python handles token n below.
+            if recent is not None:
+                recent = mx.concatenate([recent, token])[-sampling.repetition_context :]
+            next_logits = model(token[None], session.cache, last_only=True)[:, -1, :]
+            next_token = sampler(next_logits, recent)
+            mx.async_eval(next_token)
+        value = token.item()
+        if count < max_tokens:
+            session.tokens.append(value)  # it was fed to the model by the step just queued
+        if count == 1:
+            first_token_time = time.perf_counter() - start
+            prompt_time = first_token_time
+        finished = value in eos
+        text = "" if finished else detokenizer.add(value)
+        reason = "stop" if finished else ("length" if count == max_tokens else None)
+        if reason is not None:
+            text += detokenizer.flush()
+        text, hit = stops.feed(text, final=reason is not None)
+        if hit:
+            reason = "stop"
+        elapsed = time.perf_counter() - start - prompt_time
+        yield GenerationResponse(
+            text=text,
+            token=value,
+            prompt_tokens=prompt_tokens,
+            prompt_tps=prompt_tokens / max(prompt_time, 1e-9),
+            generation_tokens=count,
+            generation_tps=(count - 1) / elapsed if count > 1 and elapsed > 0 else 0.0,
+            time_to_first_token=first_token_time,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason=reason,
+        )
+        if reason is not None:
+            return
+        token = next_token
+
+
+def _prefill(model, session: Session, new_ids: list[int]) -> mx.array:
+    """Run the uncached prompt ids through the model; return the last position's logits (1, vocab)."""
+    position = 0
+    while len(new_ids) - position > PREFILL_STEP:
+        chunk = mx.array(new_ids[position : position + PREFILL_STEP])[None]
+        model.hidden(chunk, session.cache)
+        mx.eval([c.keys for c in session.cache] + [c.values for c in session.cache])
+        mx.clear_cache()
+        position += PREFILL_STEP
+    logits = model(mx.array(new_ids[position:])[None], session.cache, last_only=True)[:, -1, :]
+    session.tokens.extend(new_ids)
+    return logits
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:
+    """The whole completion of `prompt` as one string (see `stream_generate` for the options)."""
+    return "".join(response.text for response in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first full match."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, False

@@ -1,0 +1,155 @@
+"""A GGUF file as a model: its `ModelConfig` and its weights under Hugging Face names.
+
+Weights are converted to the internal representation by `quant.py`. Two GGUF conventions are
+undone here so that the rest of the engine sees one layout for every family:
+
+* llama.cpp's converter permutes the rows of Q and K of `llama`-architecture models (Llama,
+  Mistral, SmolLM) so that RoPE rotates adjacent pairs (GGML "normal" RoPE). The permutation is
+  reversed on the raw rows (exact, also for quantized rows), so every model uses the half-split
+  ("NeoX", `traditional=False`) RoPE, as the Hugging Face weights do.
+* GGUF names (`blk.3.attn_q.weight`) become Hugging Face names (`model.layers.3.self_attn.q_proj.weight`),
+  which is also what `convert` writes for mlx-lm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .. import quant
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from .gguf import GGUFFile
+
+SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; None if not a weight we use."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def read_config(gguf: GGUFFile) -> ModelConfig:
+    """The model's hyper-parameters from `{arch}.*` metadata."""
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFormatError(
+            f"{gguf.path.name} is a {arch!r} model; this engine supports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/2.5, Llama 2/3, Mistral, SmolLM)."
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelFormatError(f"{gguf.path.name} lacks the metadata key {arch}.{key}; the file is incomplete.")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    kv_heads = get("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # some converters store one value per layer
+        if len(set(kv_heads)) != 1:
+            raise ModelFormatError(f"{gguf.path.name} has a different KV head count per layer; not supported.")
+        kv_heads = kv_heads[0]
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ModelFormatError(f"{gguf.path.name} uses partial RoPE ({rope_dims} of {head_dim} dims); not supported.")
+    embedding = gguf.tensors.get("token_embd.weight")
+    if embedding is None:
+        raise ModelFormatError(f"{gguf.path.name} has no token_embd.weight tensor; the file is incomplete.")
+    return ModelConfig(
+        model_type=arch,
+        hidden_size=hidden,
+        num_hidden_layers=int(get("block_count")),
+        intermediate_size=int(get("feed_forward_length")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(kv_heads),
+        head_dim=head_dim,
+        vocab_size=embedding.shape[0],
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(get("context_length", 4096)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(gguf, arch),
+        tie_word_embeddings="output.weight" not in gguf.tensors,
+        attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+        name=str(meta.get("general.name", gguf.path.stem)),
+    )
+
+
+def _rope_scaling(gguf: GGUFFile, arch: str) -> dict[str, Any] | None:
+    meta = gguf.metadata
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+: per-frequency factors stored as a tensor
+        factors = quant.dequantize_numpy(gguf.raw("rope_freqs.weight"), gguf.tensors["rope_freqs.weight"].type, (-1,))
+        return {"rope_type": "freq_factors", "factors": [float(f) for f in factors]}
+    if kind in ("none", None):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    raise ModelFormatError(f"{gguf.path.name} uses {kind!r} RoPE scaling, which this engine does not support yet.")
+
+
+def _unpermute_rows(raw: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    rows = raw.shape[0]
+    return raw.reshape(n_heads, rows // n_heads // 2, 2, *raw.shape[1:]).swapaxes(1, 2).reshape(raw.shape)
+
+
+def read_weights(
+    gguf: GGUFFile, config: ModelConfig, dtype: mx.Dtype, progress: bool = True, exact: bool = False
+) -> dict[str, Any]:
+    """Every weight, converted, under its Hugging Face name (`quant.QuantizedWeight` or mx.array).
+
+    `exact` loads the types with only a near affine form dense (see `quant.load_tensor`)."""
+    weights: dict[str, Any] = {}
+    names = [(name, hf_name(name)) for name in gguf.tensors]
+    names = [(g, h) for g, h in names if h is not None]
+    for gguf_name, name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        info = gguf.tensors[gguf_name]
+        raw = gguf.raw(gguf_name)
+        if config.model_type == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            raw = _unpermute_rows(np.asarray(raw), heads)
+        weights[name] = quant.load_tensor(raw, info.type, info.shape, dtype, exact=exact)
+    _check_complete(weights, config, gguf.path)
+    return weights
+
+
+def _check_complete(weights: dict[str, Any], config: ModelConfig, path: Path) -> None:
+    needed = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(config.num_hidden_layers):
+        needed += [f"model.layers.{i}.{n}.weight" for n in _LAYER_NAMES.values()]
+    missing = [n for n in needed if n not in weights]
+    if missing:
+        raise ModelFormatError(
+            f"{path.name} lacks {len(missing)} tensors the {config.model_type} architecture needs "
+            f"(first: {missing[0]}); the file is incomplete or of another architecture."
+        )

@@ -1,0 +1,108 @@
+"""Qwen2 / Qwen2.5: a decoder-only transformer with grouped-query attention, Q/K/V biases,
+RMSNorm, SwiGLU and half-split RoPE.
+
+Read top to bottom: Attention → MLP → TransformerBlock → Model. The hot operations go through
+`ops` (reference MLX ops or custom kernels); this file holds no kernel code. Two fusions shape
+the layers: Q, K and V are one matrix (one GEMV reads them all), and so are gate and up. Each
+RMSNorm is applied inside the projection that follows it and each residual add inside the
+projection that precedes it, so the decode step launches few kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import ops
+from ..config import ModelConfig
+from ..engine.cache import KVCache
+from ..layers import Embedding, Linear, RoPE, attention_scale
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], prefix: str) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.eps = config.rms_norm_eps
+        self.scale = attention_scale(config.head_dim)
+        self.norm_weight = weights[f"{prefix}.input_layernorm.weight"]
+        projections = [f"{prefix}.self_attn.{p}_proj" for p in "qkv"]
+        self.qkv_proj = Linear.fused(
+            [weights[f"{p}.weight"] for p in projections], [weights.get(f"{p}.bias") for p in projections]
+        )
+        self.o_proj = Linear(weights[f"{prefix}.self_attn.o_proj.weight"])
+        self.rope = RoPE(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache) -> mx.array:
+        """x + Attention(RMSNorm(x))."""
+        q, k, v = ops.norm_qkv_rope(
+            x, self.norm_weight, self.eps, self.qkv_proj, self.rope, cache.offset, self.n_heads, self.n_kv_heads
+        )
+        k, v = cache.update_and_fetch(k, v)
+        out = ops.attention(q, k, v, self.scale, mask)
+        return ops.linear(out, self.o_proj, residual=x)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], prefix: str) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.norm_weight = weights[f"{prefix}.post_attention_layernorm.weight"]
+        self.gate_up_proj = Linear.fused([weights[f"{prefix}.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+        self.down_proj = Linear(weights[f"{prefix}.mlp.down_proj.weight"])
+
+    def __call__(self, h: mx.array) -> mx.array:
+        """h + down(silu(gate(RMSNorm(h))) * up(RMSNorm(h)))."""
+        activation = ops.norm_swiglu(h, self.norm_weight, self.eps, self.gate_up_proj)
+        return ops.linear(activation, self.down_proj, residual=h)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, Any], index: int) -> None:
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.self_attn = Attention(config, weights, prefix)
+        self.mlp = MLP(config, weights, prefix)
+
+    def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache) -> mx.array:
+        return self.mlp(self.self_attn(x, mask, cache))
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"])
+        self.layers = [TransformerBlock(config, weights, i) for i in range(config.num_hidden_layers)]
+        self.norm_weight = weights["model.norm.weight"]
+        if config.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = self.embed_tokens.as_linear()
+        else:
+            self.lm_head = Linear(weights["lm_head.weight"])
+
+    def make_cache(self, max_size: int | None = None) -> list[KVCache]:
+        """One KV cache per layer, growing on demand up to `max_size` (default: the context)."""
+        limit = max_size or self.config.max_position_embeddings
+        return [KVCache(limit) for _ in self.layers]
+
+    def hidden(self, inputs: mx.array, cache: list[KVCache]) -> mx.array:
+        """The last layer's output (B, L, hidden) for token ids (B, L), before the final norm."""
+        h = self.embed_tokens(inputs)
+        # Queries sit at positions offset..offset+L-1 and see every earlier key: MLX's "causal"
+        # mask is aligned to the end of the key sequence, which is exactly that.
+        mask = "causal" if inputs.shape[1] > 1 else None
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return h
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
+        """Logits (B, L, vocab) for token ids (B, L); `last_only` computes the last position only."""
+        if cache is None:
+            cache = self.make_cache(inputs.shape[1])
+        h = self.hidden(inputs, cache)
+        if last_only:
+            h = h[:, -1:, :]
+        return ops.norm_linear(h, self.norm_weight, self.config.rms_norm_eps, self.lm_head)
