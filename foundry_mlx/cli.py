@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 import click
@@ -97,7 +98,7 @@ def _load(options: dict):
 
     if options["kernels"]:
         kernels.set_mode(options["kernels"])
-    sampling = _sampling(options)
+    sampling = _sampling(options) if "temperature" in options else SamplingParams()
     sampling.validate()  # before a long load, not after
     model, tokenizer = load(options["model"], dtype=options["dtype"], exact=options["exact"])
     kernels.active()  # fail now if --kernels custom cannot be honoured
@@ -213,6 +214,106 @@ def info(model: str) -> None:
     from .describe import describe
 
     click.echo(describe(model))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default=None,
+    help="dtype of scales and dense weights. Default: float16 on a GPU, float32 on the CPU.",
+)
+@click.option("--exact", is_flag=True, help="Write Q6_K (and other near types) dense instead of 8-bit.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@user_errors
+def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: bool) -> None:
+    """Write MODEL as an MLX model directory that mlx-lm loads (`mlx_lm.load(OUT_DIR)`), with the
+    weights exactly as foundry-mlx holds them: GGUF blocks become MLX affine-quantized matrices.
+
+    \b
+    Example:
+      foundry-mlx convert qwen2.5-coder-0.5b ./qwen-mlx
+      python -c "import mlx_lm; print(mlx_lm.generate(*mlx_lm.load('./qwen-mlx'), 'def add(a, b):'))"
+    """
+    from .formats.mlx_dir import save_directory
+    from .loader import load
+
+    target = Path(out_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise FoundryError(f"{target} exists and is not empty; choose another directory or pass --force.")
+    loaded, tokenizer = load(model, dtype=dtype, exact=exact)
+    save_directory(loaded, tokenizer, target, force=force)
+    click.echo(f"wrote {target}", err=True)
+
+
+def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@main.command()
+@model_options
+@click.option("--engines", default="foundry,mlx-lm", show_default=True, help="Comma-separated: foundry, mlx-lm.")
+@click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_int_list, help="Prefill lengths.")
+@click.option("--depths", default="0,2048", show_default=True, callback=_int_list, help="Context depths for decode.")
+@click.option("--decode-tokens", default=128, show_default=True, help="Tokens generated per decode measurement.")
+@click.option("--trials", default=3, show_default=True, help="Timed trials per setting, after one warm-up.")
+@click.option("--out", "out_prefix", default=None, help="Write OUT.json, OUT.md and OUT.png (the plot).")
+@user_errors
+def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int, out_prefix: str | None, **options) -> None:
+    """Benchmark foundry-mlx against stock mlx-lm on identical weights.
+
+    A GGUF model is converted (as `convert` does) into a temporary MLX directory for mlx-lm, so both
+    engines run the very same affine-quantized weights. Prompts are random token ids; EOS is ignored;
+    engines alternate trial by trial. Prints a table (median and min tok/s, achieved GB/s, ratio).
+
+    \b
+    Example (the H100 run of benchmarks/results/):
+      foundry-mlx bench ./random-qwen2.5-0.5b-q4km --out benchmarks/results/h100-qwen0.5b
+    """
+    import shlex
+    import tempfile
+
+    from . import bench as benchmark
+    from .formats.mlx_dir import save_directory
+
+    wanted = [e.strip() for e in engines.split(",") if e.strip()]
+    unknown = set(wanted) - {"foundry", "mlx-lm"}
+    if unknown or not wanted:
+        raise FoundryError(f"Unknown engine(s) {', '.join(sorted(unknown)) or '(none)'}; use foundry and/or mlx-lm.")
+    if "mlx-lm" in wanted:
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            raise FoundryError("mlx-lm is not installed; pip install mlx-lm, or pass --engines foundry.") from None
+    model, tokenizer, _ = _load(options)
+    config = benchmark.BenchConfig(prompt_lengths, depths, decode_tokens, trials)
+    limit = max(prompt_lengths + depths) + decode_tokens + 1
+    if limit > model.config.max_position_embeddings:
+        raise FoundryError(f"The longest run needs {limit} positions; the model's context is {model.config.max_position_embeddings}.")
+    ours = benchmark.foundry_engine(model, tokenizer)
+    selected = [ours] if "foundry" in wanted else []
+    with tempfile.TemporaryDirectory(prefix="foundry-bench-") as scratch:
+        if "mlx-lm" in wanted:
+            directory = model.source if Path(model.source).is_dir() else save_directory(model, tokenizer, Path(scratch) / "mlx", progress=False)
+            selected.append(benchmark.mlx_lm_engine(directory, ours.weight_bytes, ours.kv_bytes_per_position))
+        measurements = benchmark.run(selected, config, model.config.vocab_size, log=lambda line: click.echo(line, err=True))
+    meta = {**benchmark.machine_info(), "model": str(model.source), "command": "foundry-mlx " + shlex.join(sys.argv[1:]),
+            "weight_bytes_per_token": ours.weight_bytes, "config": vars(config)}
+    text = benchmark.table(measurements)
+    click.echo(text)
+    if out_prefix:
+        prefix = Path(out_prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        benchmark.save(measurements, meta, prefix.with_suffix(".json"))
+        header = "\n".join(f"- {k}: {v}" for k, v in meta.items() if k != "config")
+        prefix.with_suffix(".md").write_text(f"# {prefix.name}\n\n{header}\n\n{text}\n")
+        plotted = benchmark.plot(measurements, f"{Path(str(model.source)).name} — {meta['backend']}", prefix.with_suffix(".png"))
+        click.echo(f"wrote {prefix}.json, {prefix}.md" + (", .png" if plotted else " (no matplotlib: no plot)"), err=True)
 
 
 @main.command()

@@ -84,13 +84,15 @@ def stream_generate(
     sampling: SamplingParams | None = None,
     stop: Sequence[str] = (),
     session: Session | None = None,
+    ignore_eos: bool = False,
     **sampling_kwargs,
 ) -> Iterator[GenerationResponse]:
     """Generate up to `max_tokens` tokens after `prompt`, yielding text as it becomes final.
 
     `sampling` (or keyword arguments of `SamplingParams`: temperature, top_k, top_p, min_p,
     repetition_penalty, seed) chooses the sampler; the default is greedy. Pass a `Session` to keep
-    the KV cache across calls (multi-turn chat).
+    the KV cache across calls (multi-turn chat). `ignore_eos` generates through end-of-turn
+    tokens (benchmarks).
     """
     sampling = sampling or SamplingParams(**sampling_kwargs)
     sampler = Sampler(sampling)
@@ -120,7 +122,7 @@ def stream_generate(
 
     detokenizer = tokenizer.detokenizer()
     stops = _StopMatcher(stop)
-    eos = tokenizer.eos_token_ids
+    eos = frozenset() if ignore_eos else tokenizer.eos_token_ids
     prompt_tokens = len(ids) - cached
     first_token_time = prompt_time = 0.0
     for count in range(1, max_tokens + 1):
