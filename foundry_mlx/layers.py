@@ -104,11 +104,12 @@ class RoPE(nn.Module):
         elif kind is not None:
             raise ValueError(f"unsupported rope scaling {kind!r}")
         self._freqs = freqs
+        self._inverse_frequencies = 1.0 / freqs
 
     @property
     def inverse_frequencies(self) -> mx.array:
         """Angle per position for each pair (what a kernel multiplies the position by)."""
-        return 1.0 / self._freqs
+        return self._inverse_frequencies
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)

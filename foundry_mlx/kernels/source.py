@@ -1,0 +1,100 @@
+"""One kernel source, two GPU backends.
+
+A kernel body is written once against a small portable vocabulary; a per-backend prelude (the
+`header` MLX pastes before the generated signature) and prologue (the first lines of the body)
+define it. What differs between MLX's two custom-kernel APIs, and how it is bridged:
+
+| need                   | Metal (`mx.fast.metal_kernel`)                | CUDA (`mx.fast.cuda_kernel`)           |
+|------------------------|-----------------------------------------------|----------------------------------------|
+| thread / group / lane  | named attributes, e.g. thread_index_in_simdgroup | threadIdx / blockIdx                |
+| warp reduction         | `simd_sum`                                    | `__shfl_xor_sync` butterfly            |
+| shared memory, barrier | `threadgroup`, `threadgroup_barrier`          | `__shared__`, `__syncthreads`          |
+| scalar inputs          | `constant T&` (use the name)                  | `const T*` (use name[0])               |
+| template parameters    | `template <...>` on the kernel                | `constexpr` lines inside the body      |
+
+In both, template parameters are invisible to the header (helpers there take values as
+arguments) and the launch grid is counted in threads, not groups. Portable names used by bodies:
+`thread_id`, `group_id`, `lane`, `warp` (prologue), `SIMD_SUM(v)`, `BARRIER()`, `SHARED`,
+`SCALAR(name)`, `PRECISE_COS/SIN/EXP/RSQRT(v)`, `UINT` (32-bit unsigned index type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("metal", "cuda")
+
+_PRELUDE = {
+    "metal": """
+#define SIMD_SUM(v) simd_sum(v)
+#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define SHARED threadgroup
+#define SCALAR(name) (name)
+#define PRECISE_COS(v) metal::precise::cos(v)
+#define PRECISE_SIN(v) metal::precise::sin(v)
+#define PRECISE_EXP(v) metal::precise::exp(v)
+#define PRECISE_RSQRT(v) metal::precise::rsqrt(v)
+#define UINT uint
+""",
+    "cuda": """
+__device__ __forceinline__ float foundry_warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+#define SIMD_SUM(v) foundry_warp_sum(v)
+#define BARRIER() __syncthreads()
+#define SHARED __shared__
+#define SCALAR(name) (name[0])
+#define PRECISE_COS(v) cosf(v)
+#define PRECISE_SIN(v) sinf(v)
+#define PRECISE_EXP(v) expf(v)
+#define PRECISE_RSQRT(v) rsqrtf(v)
+#define UINT unsigned int
+""",
+}
+
+_PROLOGUE = {
+    "metal": """
+  const uint thread_id = thread_position_in_threadgroup.x;
+  const uint group_id = threadgroup_position_in_grid.x;
+  const uint lane = thread_index_in_simdgroup;
+  const uint warp = simdgroup_index_in_threadgroup;
+""",
+    "cuda": """
+  const unsigned int thread_id = threadIdx.x;
+  const unsigned int group_id = blockIdx.x;
+  const unsigned int lane = threadIdx.x & 31u;
+  const unsigned int warp = threadIdx.x >> 5;
+""",
+}
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A kernel as MLX's APIs take it, before the backend is chosen."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    body: str
+    header: str = ""
+
+    def render(self, backend: str) -> tuple[str, str]:
+        """(header, source) for `mx.fast.metal_kernel` or `mx.fast.cuda_kernel`."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        return _PRELUDE[backend] + self.header, _PROLOGUE[backend] + self.body
+
+    def build(self, backend: str):
+        """The MLX kernel object (compiled lazily by MLX on first call)."""
+        import mlx.core as mx
+
+        header, source = self.render(backend)
+        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+        return make(
+            name=f"{self.name}_{backend}",
+            input_names=list(self.input_names),
+            output_names=list(self.output_names),
+            source=source,
+            header=header,
+        )

@@ -1,0 +1,85 @@
+"""Compile every CUDA kernel variant with nvcc, without a GPU: a cheap check before a device run.
+
+It writes the source exactly as MLX's `cuda_kernel` assembles it (mlx/backend/cuda/custom_kernel.cpp,
+`build_kernel`: default header, our header, `namespace mlx::core::cu`, the generated signature,
+`constexpr` lines for the template arguments, our body) and compiles it for sm_90 against MLX's
+device headers (from an MLX source checkout: --mlx-source DIR, the folder holding `mlx/`).
+
+    python scripts/check_cuda_compile.py --mlx-source /path/to/mlx
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from foundry_mlx.kernels import qgemv  # noqa: E402
+
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
+
+
+def mlx_cuda_source(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], header: str, body: str,
+                    template: list[tuple[str, object]]) -> str:
+    lines = ['#include "mlx/backend/cuda/device/utils.cuh"', "", "#include <cooperative_groups.h>", "", header,
+             "namespace mlx::core::cu {", "", "namespace cg = cooperative_groups;", "", f"__global__ void {name}("]
+    params = [f"    const {CUDA_TYPES[dtype]}* {arg}" for arg, dtype in inputs]
+    params += [f"    {CUDA_TYPES[dtype]}* {arg}" for arg, dtype in outputs]
+    lines.append(",\n".join(params) + ") {")
+    for key, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {key} = {str(value).lower()};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {key} = {value};")
+        else:
+            lines.append(f"  using {key} = {CUDA_TYPES[value]};")
+    lines += ["", body, "}", "", "} // namespace mlx::core::cu"]
+    return "\n".join(lines)
+
+
+def variants():
+    for variant in (qgemv.Variant(), qgemv.Variant(residual=True), qgemv.Variant(bias=True),
+                    qgemv.Variant(norm=True), qgemv.Variant(norm=True, swiglu=True),
+                    qgemv.Variant(norm=True, bias=True, rope=True), qgemv.Variant(norm=True, rope=True)):
+        for dtype in ("float16", "bfloat16", "float32"):
+            for bits in (4, 5, 6, 8):
+                yield variant, dtype, bits
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mlx-source", required=True, type=Path)
+    parser.add_argument("--nvcc", default="nvcc")
+    args = parser.parse_args()
+    failures = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        for variant, dtype, bits in variants():
+            source = qgemv.kernel_source(variant)
+            header, body = source.render("cuda")
+            types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "norm_weight": dtype, "eps": "float32",
+                     "bias": dtype, "residual": dtype, "inv_freq": "float32", "position": "int32"}
+            template = [("T", dtype), ("BITS", bits), ("GROUP", 32), ("K", 896), ("UNITS", 1152), ("ROWS", 2),
+                        ("WARPS", qgemv.WARPS), ("HALF", 32), ("ROPE_ROWS", 1024)]
+            text = mlx_cuda_source(f"custom_kernel_{source.name}", [(n, types[n]) for n in source.input_names],
+                                   [("y", dtype)], header, body, template)
+            path = Path(scratch) / f"{source.name}_{dtype}_{bits}.cu"
+            path.write_text(text)
+            result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null",
+                                     f"-I{args.mlx_source}", str(path)], capture_output=True, text=True)
+            status = "ok" if result.returncode == 0 else "FAILED"
+            print(f"{status:6s} {source.name} {dtype} bits={bits}")
+            if result.returncode:
+                failures += 1
+                print(result.stderr[-3000:])
+                if failures > 2:
+                    return 1
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
