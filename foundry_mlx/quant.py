@@ -228,7 +228,11 @@ def rule_for(ggml_type: GGMLQuantizationType) -> Rule:
     """The policy entry for a type; types without one are re-quantized (warned once per type)."""
     if ggml_type in POLICY:
         return POLICY[ggml_type]
-    if ggml_type not in GGML_QUANT_SIZES or ggml_type in (T.I8, T.I16, T.I32, T.I64, T.F64):
+    if (
+        ggml_type not in GGML_QUANT_SIZES
+        or ggml_type in (T.I8, T.I16, T.I32, T.I64, T.F64)
+        or not _gguf_can_dequantize(ggml_type)
+    ):
         raise ModelFormatError(f"tensor type {ggml_type.name} is not a weight type this engine can load.")
     if ggml_type not in _warned:
         _warned.add(ggml_type)
@@ -238,6 +242,15 @@ def rule_for(ggml_type: GGMLQuantizationType) -> Rule:
             stacklevel=2,
         )
     return Rule(REQUANTIZED_BITS, False, "dequantized, re-quantized 8-bit g32")
+
+
+def _gguf_can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
+    """Whether the installed gguf package has a dequantizer for the type (Q8_K, Q8_1 have none)."""
+    try:
+        gguf_dequantize(np.zeros(GGML_QUANT_SIZES[ggml_type][1], dtype=np.uint8), ggml_type)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def load_tensor(raw: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...], dtype: mx.Dtype,
@@ -261,12 +274,24 @@ def load_tensor(raw: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[i
 
 def _convert_rows(raw: np.ndarray, ggml_type: GGMLQuantizationType, rule: Rule) -> tuple[np.ndarray, ...]:
     if rule.convert is None:  # re-quantize through float
-        values = mx.array(gguf_dequantize(np.ascontiguousarray(raw), ggml_type).astype(np.float32))
-        weight, scales, biases = mx.quantize(values, group_size=GROUP_SIZE, bits=rule.bits)
-        return np.array(weight), np.array(scales), np.array(biases)
-    block_bytes = GGML_QUANT_SIZES[ggml_type][1]
-    affine = rule.convert(raw.reshape(raw.shape[0], -1, block_bytes))
+        affine = _requantize(gguf_dequantize(np.ascontiguousarray(raw), ggml_type).astype(np.float32), rule.bits)
+    else:
+        block_bytes = GGML_QUANT_SIZES[ggml_type][1]
+        affine = rule.convert(raw.reshape(raw.shape[0], -1, block_bytes))
     return pack(affine.q, affine.bits), affine.scales, affine.biases
+
+
+def _requantize(values: np.ndarray, bits: int) -> Affine:
+    """Min-max affine quantization per group: every value within half a level of the grid from
+    the group's min to its max, |error| <= (max - min) / (2 * (2**bits - 1)). (`mx.quantize`
+    shifts its grid so that 0 is exact, which can leave one end of a group a whole level away.)"""
+    rows = values.shape[0]
+    groups = values.reshape(rows, -1, GROUP_SIZE)
+    low, high = groups.min(axis=-1), groups.max(axis=-1)
+    scales = (high - low) / (2**bits - 1)
+    levels = np.divide(groups - low[..., None], scales[..., None], out=np.zeros_like(groups), where=scales[..., None] > 0)
+    q = np.clip(np.rint(levels), 0, 2**bits - 1).astype(np.uint8)
+    return Affine(q.reshape(rows, -1), scales, low, bits)
 
 
 def dequantize_numpy(raw: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:

@@ -31,17 +31,20 @@ class Chat:
     ) -> Iterator[GenerationResponse]:
         """Stream the reply to a user message; the reply joins the conversation when complete."""
         self.messages.append({"role": "user", "content": content})
-        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         reply = []
         try:
+            prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
             for response in stream_generate(
                 self.model, self.tokenizer, ids, max_tokens=max_tokens, sampling=sampling, stop=stop,
                 session=self.session,
             ):
                 reply.append(response.text)
+                if response.finish_reason is not None:
+                    # Complete: it joins the conversation even if the caller stops iterating here.
+                    self.messages.append({"role": "assistant", "content": "".join(reply)})
                 yield response
         except BaseException:
-            self.messages.pop()  # a failed or interrupted turn leaves no half message behind
+            if self.messages[-1]["role"] == "user":
+                self.messages.pop()  # a failed or interrupted turn leaves no half message behind
             raise
-        self.messages.append({"role": "assistant", "content": "".join(reply)})

@@ -80,7 +80,7 @@ def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float)
 
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
     """Keep the k most likely tokens."""
-    kth = mx.sort(logprobs, axis=-1)[:, -k : -k + 1]
+    kth = mx.sort(logprobs, axis=-1)[:, -k, None]  # not [-k : -k + 1]: empty for k = 1
     return mx.where(logprobs < kth, -mx.inf, logprobs)
 
 

@@ -65,21 +65,27 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/2.5, Llama 2/3, Mistral, SmolLM)."
         )
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, default: Any = None, per_layer: bool = False) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelFormatError(f"{gguf.path.name} lacks the metadata key {arch}.{key}; the file is incomplete.")
+        # A corrupt value must not reach int()/float() or a division: that would be a traceback.
+        items = value if per_layer and isinstance(value, list) and value else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in items):
+            raise ModelFormatError(
+                f"{gguf.path.name} has {arch}.{key} = {value!r:.60}, not a positive number; the file is corrupt."
+            )
         return value
 
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
-    kv_heads = get("attention.head_count_kv", heads)
+    kv_heads = get("attention.head_count_kv", heads, per_layer=True)
     if isinstance(kv_heads, list):  # some converters store one value per layer
         if len(set(kv_heads)) != 1:
             raise ModelFormatError(f"{gguf.path.name} has a different KV head count per layer; not supported.")
         kv_heads = kv_heads[0]
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rope_dims = int(get("rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise ModelFormatError(f"{gguf.path.name} uses partial RoPE ({rope_dims} of {head_dim} dims); not supported.")
     embedding = gguf.tensors.get("token_embd.weight")

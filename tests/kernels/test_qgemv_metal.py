@@ -1,0 +1,63 @@
+"""The GEMV kernels' Metal source, run on the CPU by the SIMT harness, against their reference twin."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from foundry_mlx.kernels import qgemv
+from foundry_mlx.kernels.metal_sim import bfloat16_array, bfloat16_to_float32, run_metal_kernel
+
+from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
+
+
+def to_numpy(array: mx.array):
+    if array.dtype == mx.bfloat16:
+        return bfloat16_array(np.array(array.astype(mx.float32)))
+    return np.array(array)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_metal_gemv_matches_reference(case):
+    kwargs = make_inputs(case)
+    launch = qgemv.launch(case.variant, **kwargs)
+    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
+    header, source = qgemv.kernel_source(case.variant).render("metal")
+    (output,) = run_metal_kernel(
+        qgemv.kernel_source(case.variant).name,
+        case.variant.input_names(),
+        ["y"],
+        source,
+        header,
+        [to_numpy(a) for a in launch.inputs],
+        [launch.output_shape],
+        [launch.output_dtype],
+        launch.grid,
+        launch.threadgroup,
+        template=launch.template,
+        groups=case.sample_groups,
+    )
+    output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
+    rows = None
+    if case.sample_groups is not None:
+        per_group = qgemv.WARPS * dict(launch.template)["ROWS"]
+        rows = np.concatenate([np.arange(g * per_group, min((g + 1) * per_group, launch.output_shape[0]))
+                               for g in case.sample_groups])
+    compare(case, output, reference, rows)
+
+
+def test_harness_catches_a_wrong_kernel():
+    """The comparison is not vacuous: a kernel that drops the bias term of the affine identity fails."""
+    case = CASES[-4]  # a small one
+    kwargs = make_inputs(case)
+    launch = qgemv.launch(case.variant, **kwargs)
+    reference = np.array(qgemv.reference(case.variant, **kwargs))
+    header, source = qgemv.kernel_source(case.variant).render("metal")
+    broken = source.replace("+ static_cast<float>(biases[g]) * x_sum", "")
+    assert broken != source
+    (output,) = run_metal_kernel("broken_gemv", case.variant.input_names(), ["y"], broken, header,
+                                 [to_numpy(a) for a in launch.inputs], [launch.output_shape], [launch.output_dtype],
+                                 launch.grid, launch.threadgroup, template=launch.template)
+    with pytest.raises(AssertionError):
+        compare(case, output, reference)
