@@ -20,7 +20,7 @@ class KernelSet:
     def _run(self, variant: qgemv.Variant, launch: qgemv.Launch) -> mx.array:
         kernel = self._kernels.get(variant)
         if kernel is None:
-            kernel = self._kernels[variant] = qgemv.kernel_source(variant).build(self.backend)
+            kernel = self._kernels[variant] = qgemv.kernel_source(variant, self.backend).build(self.backend)
         return kernel(
             inputs=launch.inputs,
             template=launch.template,

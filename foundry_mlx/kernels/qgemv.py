@@ -32,8 +32,6 @@ import mlx.core as mx
 from ..quant import QuantizedWeight
 from .source import KernelSource
 
-WARPS = 4
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -108,71 +106,156 @@ def _epilogue(variant: Variant) -> str:
     return "\n" + "\n".join(lines)
 
 
+_HEADER = {
+    # Chunk loads: MLX arrays are 16-byte aligned and every chunk starts at a multiple of its own
+    # size, so CUDA reads them with 16-byte vector loads; Metal's compiler merges the scalar loop.
+    "cuda": """
+template <typename T, int E>
+__device__ __forceinline__ void foundry_load_floats(const T* source, float* target) {
+  if constexpr ((E * sizeof(T)) % 16 == 0) {
+    alignas(16) T staged[E];
+#pragma unroll
+    for (int i = 0; i < int(E * sizeof(T) / 16); ++i)
+      reinterpret_cast<uint4*>(staged)[i] = reinterpret_cast<const uint4*>(source)[i];
+#pragma unroll
+    for (int i = 0; i < E; ++i) target[i] = static_cast<float>(staged[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) target[i] = static_cast<float>(source[i]);
+  }
+}
+template <int W>
+__device__ __forceinline__ void foundry_load_words(const uint32_t* source, unsigned int* target) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(source)[i];
+      target[4 * i] = v.x; target[4 * i + 1] = v.y; target[4 * i + 2] = v.z; target[4 * i + 3] = v.w;
+    }
+  } else if constexpr (W % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < W / 2; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(source)[i];
+      target[2 * i] = v.x; target[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; ++i) target[i] = source[i];
+  }
+}
+#define LOAD_FLOATS(T, E, source, target) foundry_load_floats<T, E>(source, target)
+#define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
+""",
+    "metal": """
+// One template for device and threadgroup sources: the pointer type (address space included)
+// is deduced.
+template <typename T, int E, typename Pointer>
+inline void foundry_load_floats(Pointer source, thread float* target) {
+  for (int i = 0; i < E; ++i) target[i] = static_cast<float>(source[i]);
+}
+template <int W>
+inline void foundry_load_words(const device uint32_t* source, thread unsigned int* target) {
+  for (int i = 0; i < W; ++i) target[i] = source[i];
+}
+#define LOAD_FLOATS(T, E, source, target) foundry_load_floats<T, E>(source, target)
+#define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
+""",
+}
+
+
+def chunk(bits: int) -> int:
+    """Values per lane per step: 16, or 32 where 16 values would not fill whole 32-bit words."""
+    return 16 if (16 * bits) % 32 == 0 else 32
+
+
 def body(variant: Variant) -> str:
     rows_per_unit = variant.rows_per_unit
-    norm_prologue = ""
-    normalize = ""
+    stage = ""
+    x_source = "x"
     if variant.norm:
-        norm_prologue = """
-  // RMSNorm: every threadgroup reduces sum(x^2) itself (K reads from cache beat a second launch).
+        stage = """
+  // RMSNorm once per threadgroup: reduce sum(x^2), then stage T(x * inv_rms * w) in shared memory
+  // (rounded to T, as mx.fast.rms_norm's output is), read by every SIMD-group below.
+  SHARED T x_norm[K];
   float squares = 0.0f;
-  for (UINT k = thread_id; k < (UINT)K; k += WARPS * 32) {
+  for (int k = (int)thread_id; k < K; k += THREADS) {
     const float v = static_cast<float>(x[k]);
     squares += v * v;
   }
   squares = SIMD_SUM(squares);
-  if (lane == 0) partial[warp] = squares;
+  if (lane == 0) norm_partial[warp] = squares;
   BARRIER();
   float total = 0.0f;
-  for (int i = 0; i < WARPS; ++i) total += partial[i];
+  for (int i = 0; i < WARPS_N * WARPS_K; ++i) total += norm_partial[i];
   const float inv_rms = PRECISE_RSQRT(total / K + SCALAR(eps));
+  for (int k = (int)thread_id; k < K; k += THREADS) {
+    x_norm[k] = static_cast<T>(static_cast<float>(x[k]) * inv_rms * static_cast<float>(norm_weight[k]));
+  }
+  BARRIER();
 """
-        normalize = """
-      v = static_cast<float>(static_cast<T>(v * inv_rms * static_cast<float>(norm_weight[block * 32 + i])));"""
+        x_source = "x_norm"
     return f"""
-  constexpr int BLOCKS = K / 32;
-  constexpr int WORDS_PER_ROW = K * BITS / 32;
+  constexpr int BITS_ = BITS;
+  constexpr int E = (16 * BITS_) % 32 == 0 ? 16 : 32;   // values per lane per step
+  constexpr int W = E * BITS_ / 32;                      // packed words per chunk
+  constexpr int STEP = 32 * E;                           // values per SIMD-group per step
+  constexpr int WORDS_PER_ROW = K * BITS_ / 32;
   constexpr int GROUPS_PER_ROW = K / GROUP;
-  constexpr unsigned int MASK = (BITS == 32) ? 0xffffffffu : ((1u << BITS) - 1u);
+  constexpr unsigned int MASK = (1u << BITS_) - 1u;
   constexpr int RPU = {rows_per_unit};
-  SHARED float partial[WARPS];
-{norm_prologue}
-  const int first_unit = (int)(group_id * (WARPS * ROWS) + warp * ROWS);
-  if (first_unit >= UNITS) return;  // uniform over the SIMD-group; no barrier follows
+  constexpr int SLOTS = ROWS * RPU;
+  constexpr int THREADS = WARPS_N * WARPS_K * 32;
+  SHARED float norm_partial[WARPS_N * WARPS_K];
+  SHARED float k_partial[WARPS_K * WARPS_N * SLOTS];
+{stage}
+  // SIMD-group (warp_n, warp_k) owns ROWS units and every WARPS_K-th step along K.
+  const int warp_n = (int)warp % WARPS_N;
+  const int warp_k = (int)warp / WARPS_N;
+  const int first_unit = ((int)group_id * WARPS_N + warp_n) * ROWS;
 
-  float acc[ROWS * RPU];
-  for (int r = 0; r < ROWS * RPU; ++r) acc[r] = 0.0f;
-
-  for (int block = (int)lane; block < BLOCKS; block += 32) {{
-    float xs[32];
-    float x_sum = 0.0f;
-    for (int i = 0; i < 32; ++i) {{
-      float v = static_cast<float>(x[block * 32 + i]);{normalize}
-      xs[i] = v;
-      x_sum += v;
-    }}
-    for (int r = 0; r < ROWS * RPU; ++r) {{
-      const int unit = first_unit + r / RPU;
-      const int which = r % RPU;
-      if (unit >= UNITS) break;
-      const int row = {_row_expression(variant)};
-      unsigned int words[BITS + 1];
-      for (int j = 0; j < BITS; ++j) words[j] = w[(long)row * WORDS_PER_ROW + block * BITS + j];
-      words[BITS] = 0u;
-      float dot = 0.0f;
-      for (int i = 0; i < 32; ++i) {{
-        const int bit = i * BITS;
-        const int shift = bit & 31;
-        unsigned int q = words[bit >> 5] >> shift;
-        if (shift + BITS > 32) q |= words[(bit >> 5) + 1] << (32 - shift);
-        dot += static_cast<float>(q & MASK) * xs[i];
+  float acc[SLOTS];
+  for (int r = 0; r < SLOTS; ++r) acc[r] = 0.0f;
+  if (first_unit < UNITS) {{
+    for (int base = (warp_k * 32 + (int)lane) * E; base < K; base += WARPS_K * STEP) {{
+      float xs[E];
+      LOAD_FLOATS(T, E, {x_source} + base, xs);
+      float x_sum = 0.0f;
+      for (int i = 0; i < E; ++i) x_sum += xs[i];
+      for (int r = 0; r < SLOTS; ++r) {{
+        const int unit = first_unit + r / RPU;
+        const int which = r % RPU;
+        if (unit >= UNITS) break;
+        const int row = {_row_expression(variant)};
+        unsigned int words[W + 1];
+        LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, words);
+        words[W] = 0u;
+        float dot = 0.0f;
+        for (int i = 0; i < E; ++i) {{
+          const int bit = i * BITS_;
+          const int shift = bit & 31;
+          unsigned int q = words[bit >> 5] >> shift;
+          if (shift + BITS_ > 32) q |= words[(bit >> 5) + 1] << (32 - shift);
+          dot += static_cast<float>(q & MASK) * xs[i];
+        }}
+        const long g = (long)row * GROUPS_PER_ROW + base / GROUP;
+        acc[r] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * x_sum;
       }}
-      const long g = (long)row * GROUPS_PER_ROW + (block * 32) / GROUP;
-      acc[r] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * x_sum;
     }}
   }}
-  for (int r = 0; r < ROWS * RPU; ++r) acc[r] = SIMD_SUM(acc[r]);
-  if (lane == 0) {{
+  for (int r = 0; r < SLOTS; ++r) acc[r] = SIMD_SUM(acc[r]);
+  if (WARPS_K > 1) {{
+    // Split K: the SIMD-groups sharing these units add their partial sums through shared memory.
+    if (lane == 0) {{
+      for (int r = 0; r < SLOTS; ++r) k_partial[(warp_k * WARPS_N + warp_n) * SLOTS + r] = acc[r];
+    }}
+    BARRIER();
+    for (int r = 0; r < SLOTS; ++r) {{
+      float sum = 0.0f;
+      for (int part = 0; part < WARPS_K; ++part) sum += k_partial[(part * WARPS_N + warp_n) * SLOTS + r];
+      acc[r] = sum;
+    }}
+  }}
+  if (warp_k == 0 && lane == 0) {{
     for (int u = 0; u < ROWS; ++u) {{
       const int unit = first_unit + u;
       if (unit >= UNITS) break;{_epilogue(variant)}
@@ -181,18 +264,43 @@ def body(variant: Variant) -> str:
 """
 
 
-def kernel_source(variant: Variant) -> KernelSource:
-    return KernelSource(variant.name, variant.input_names(), ("y",), body(variant))
+def kernel_source(variant: Variant, backend: str) -> KernelSource:
+    return KernelSource(variant.name, variant.input_names(), ("y",), body(variant), _HEADER[backend])
 
 
-def rows_per_warp(units: int) -> int:
-    """Units per SIMD-group: more where there are many rows (amortises loading x per block),
-    one where there are few (enough threadgroups to fill every multiprocessor)."""
-    if units >= 16384:
-        return 4
-    if units >= 2048:
-        return 2
-    return 1
+WARPS = 8  # SIMD-groups per threadgroup
+MAX_STAGED_BYTES = 32768  # Metal's threadgroup memory; the normalised x is staged there
+TARGET_WARPS = 8192  # enough SIMD-groups in flight to cover memory latency on a large GPU
+
+
+def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
+    """(rows per SIMD-group, SIMD-groups along N, SIMD-groups along K) for one launch.
+
+    Many units: two per SIMD-group (x is loaded once for both). Few units with a long K (the down
+    projection: 896 rows of 4864): split K over the threadgroup's SIMD-groups, so that enough of
+    them run at once to hide memory latency; they add their partial sums through shared memory.
+    """
+    rows = 2 if units >= 16384 else 1
+    steps = -(-k // (32 * chunk(bits)))
+    split = 1
+    while split < WARPS and split * 2 <= steps and -(-units // rows) * split < TARGET_WARPS:
+        split *= 2
+    return rows, WARPS // split, split
+
+
+_scalars: dict[tuple, mx.array] = {}
+
+
+def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
+    """0-d inputs, made once per value: every layer of a decode step shares the same position and
+    eps arrays instead of creating (and copying to the GPU) one per kernel call."""
+    key = (value, dtype)
+    array = _scalars.get(key)
+    if array is None:
+        if len(_scalars) > 4096:
+            _scalars.clear()
+        array = _scalars[key] = mx.array(value, dtype=dtype)
+    return array
 
 
 @dataclass(frozen=True)
@@ -219,7 +327,6 @@ def launch(
     position: int | None = None,
     rope_rows: int = 0,
     head_dim: int = 0,
-    rows: int | None = None,
 ) -> Launch:
     """Arguments for one call on a single token `x` (any shape with K elements)."""
     n_rows, k = weight.shape
@@ -228,23 +335,27 @@ def launch(
     dtype = x.dtype
     inputs = [x.reshape(-1), weight.weight, weight.scales, weight.biases]
     if variant.norm:
-        inputs += [norm_weight, mx.array(eps, dtype=mx.float32)]
+        inputs += [norm_weight, _scalar(eps, mx.float32)]
     if variant.bias:
         inputs.append(bias)
     if variant.residual:
         inputs.append(residual.reshape(-1))
     half = head_dim // 2
     if variant.rope:
-        inputs += [inv_freq.astype(mx.float32), mx.array(position, dtype=mx.int32)]
+        inputs += [inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32), _scalar(position, mx.int32)]
     units = n_rows // variant.rows_per_unit
-    rows = rows or rows_per_warp(units)
-    groups = -(-units // (WARPS * rows))
+    rows, warps_n, warps_k = geometry(units, k, weight.bits)
+    if variant.norm and k * dtype.size > MAX_STAGED_BYTES:
+        raise ValueError(f"K={k} is too wide to stage in shared memory; use the reference path")
+    groups = -(-units // (warps_n * rows))
     template = [
         ("T", dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("K", k), ("UNITS", units),
-        ("ROWS", rows), ("WARPS", WARPS), ("HALF", max(half, 1)), ("ROPE_ROWS", rope_rows),
+        ("ROWS", rows), ("WARPS_N", warps_n), ("WARPS_K", warps_k), ("HALF", max(half, 1)),
+        ("ROPE_ROWS", rope_rows),
     ]
     out = (units,) if variant.swiglu else (n_rows,)
-    return Launch(inputs, template, (groups * WARPS * 32, 1, 1), (WARPS * 32, 1, 1), out, dtype)
+    threads = WARPS * 32
+    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), out, dtype)
 
 
 def reference(
@@ -259,7 +370,6 @@ def reference(
     position: int | None = None,
     rope_rows: int = 0,
     head_dim: int = 0,
-    rows: int | None = None,
 ) -> mx.array:
     """The same computation in plain `mlx` ops (MLX's own rms_norm, quantized_matmul, rope)."""
     h = x.reshape(1, -1)

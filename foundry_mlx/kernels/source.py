@@ -43,7 +43,7 @@ __device__ __forceinline__ float foundry_warp_sum(float v) {
 }
 #define SIMD_SUM(v) foundry_warp_sum(v)
 #define BARRIER() __syncthreads()
-#define SHARED __shared__
+#define SHARED __shared__ __align__(16)
 #define SCALAR(name) (name[0])
 #define PRECISE_COS(v) cosf(v)
 #define PRECISE_SIN(v) sinf(v)

@@ -23,9 +23,9 @@ def test_metal_gemv_matches_reference(case):
     kwargs = make_inputs(case)
     launch = qgemv.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    header, source = qgemv.kernel_source(case.variant).render("metal")
+    header, source = qgemv.kernel_source(case.variant, "metal").render("metal")
     (output,) = run_metal_kernel(
-        qgemv.kernel_source(case.variant).name,
+        qgemv.kernel_source(case.variant, "metal").name,
         case.variant.input_names(),
         ["y"],
         source,
@@ -41,7 +41,8 @@ def test_metal_gemv_matches_reference(case):
     output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
     rows = None
     if case.sample_groups is not None:
-        per_group = qgemv.WARPS * dict(launch.template)["ROWS"]
+        template = dict(launch.template)
+        per_group = template["WARPS_N"] * template["ROWS"]
         rows = np.concatenate([np.arange(g * per_group, min((g + 1) * per_group, launch.output_shape[0]))
                                for g in case.sample_groups])
     compare(case, output, reference, rows)
@@ -53,7 +54,7 @@ def test_harness_catches_a_wrong_kernel():
     kwargs = make_inputs(case)
     launch = qgemv.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **kwargs))
-    header, source = qgemv.kernel_source(case.variant).render("metal")
+    header, source = qgemv.kernel_source(case.variant, "metal").render("metal")
     broken = source.replace("+ static_cast<float>(biases[g]) * x_sum", "")
     assert broken != source
     (output,) = run_metal_kernel("broken_gemv", case.variant.input_names(), ["y"], broken, header,
