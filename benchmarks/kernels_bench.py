@@ -147,12 +147,12 @@ def main() -> None:
               f"{r['stock_gb_s']:7.0f} GB/s | {r['speedup']:.2f}x", flush=True)
     if args.out:
         meta = {**machine_info(), "dtype": args.dtype, "command": "python " + " ".join(sys.argv)}
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out.parent / f"{args.out.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         lines = [f"# {args.out.name}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
             "", "| kernel | ours µs | ours GB/s | stock MLX µs | stock GB/s | speed-up |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['kernel']} | {r['ours_us']:.1f} | {r['ours_gb_s']:.0f} | {r['stock_us']:.1f} | "
                   f"{r['stock_gb_s']:.0f} | {r['speedup']:.2f}× |" for r in rows]
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        (args.out.parent / f"{args.out.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

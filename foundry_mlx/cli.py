@@ -309,10 +309,14 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
     if out_prefix:
         prefix = Path(out_prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        benchmark.save(measurements, meta, prefix.with_suffix(".json"))
+
+        def named(suffix: str) -> Path:  # not with_suffix: "qwen2.5-0.5b" has a dot of its own
+            return prefix.parent / f"{prefix.name}{suffix}"
+
+        benchmark.save(measurements, meta, named(".json"))
         header = "\n".join(f"- {k}: {v}" for k, v in meta.items() if k != "config")
-        prefix.with_suffix(".md").write_text(f"# {prefix.name}\n\n{header}\n\n{text}\n")
-        plotted = benchmark.plot(measurements, f"{Path(str(model.source)).name} — {meta['backend']}", prefix.with_suffix(".png"))
+        named(".md").write_text(f"# {prefix.name}\n\n{header}\n\n{text}\n")
+        plotted = benchmark.plot(measurements, f"{Path(str(model.source)).name} — {meta['backend']}", named(".png"))
         click.echo(f"wrote {prefix}.json, {prefix}.md" + (", .png" if plotted else " (no matplotlib: no plot)"), err=True)
 
 

@@ -47,7 +47,7 @@ def norm_qkv_rope(
     eps: float,
     qkv: Linear,
     rope: RoPE,
-    offset: int,
+    offset: int | mx.array,
     n_heads: int,
     n_kv_heads: int,
 ) -> tuple[mx.array, mx.array, mx.array]:

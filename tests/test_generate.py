@@ -10,6 +10,7 @@ from tiny_models import TinySpec, write_tiny_model
 
 from foundry_mlx import load
 from foundry_mlx.engine.chat import Chat
+from foundry_mlx.engine.decoder import Decoder
 from foundry_mlx.engine.generate import Session, _StopMatcher, generate, stream_generate
 from foundry_mlx.engine.sampling import SamplingParams
 from foundry_mlx.errors import ContextLengthError, FoundryError
@@ -50,6 +51,9 @@ class ForcedToken:
 
     def __init__(self, model, token: int, at_call: int) -> None:
         self.model, self.token, self.at_call, self.calls = model, token, at_call, 0
+        # Decode steps must come through __call__ to be counted: an eager decoder of this proxy
+        # (the compiled one traces the forward pass once and replays it).
+        self._decoder = Decoder(self, compiled=False)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -249,6 +253,8 @@ def spy(loaded, monkeypatch):
         return original(inputs, cache)
 
     monkeypatch.setattr(model, "hidden", hidden)
+    # Eager decode steps, so that each one passes through `hidden` (a compiled step replays a trace).
+    monkeypatch.setattr(model, "_decoder", Decoder(model, compiled=False))
     return lengths
 
 

@@ -60,6 +60,11 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def attention_mask(self, length: int) -> str | None:
+        """The mask for `length` new queries: causal within them (MLX aligns it to the end of the
+        keys, so earlier positions are all visible); none for a single query."""
+        return "causal" if length > 1 else None
+
     def trim(self, positions: int) -> None:
         """Forget everything from `positions` on (a later turn diverged from the cached tokens)."""
         self.offset = min(self.offset, positions)
@@ -67,3 +72,27 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class StepCache:
+    """The KV cache as a compiled decode step sees it: fixed shapes, the position as an array.
+
+    `mx.compile` traces a function once per input shapes; a step that slices the cache to
+    `offset + 1` positions would change shape every token. So the step writes the new position
+    with `slice_update` at an array offset and attends over the whole buffer, masking the
+    positions not written yet. Shapes change only when the buffer grows (every 256 positions).
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+    def attention_mask(self, length: int) -> mx.array:
+        if length != 1:
+            raise ValueError("StepCache serves single-token decode steps")
+        return (mx.arange(self.keys.shape[2]) <= self.offset)[None, None, None, :]

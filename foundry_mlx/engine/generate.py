@@ -18,9 +18,10 @@ import mlx.core as mx
 
 from ..errors import ContextLengthError, FoundryError
 from .cache import KVCache
+from .decoder import decoder_for
 from .sampling import Sampler, SamplingParams
 
-PREFILL_STEP = 512
+PREFILL_STEP = 2048
 
 
 @dataclass
@@ -113,6 +114,7 @@ def stream_generate(
     for layer_cache in session.cache:
         layer_cache.reserve(needed)
 
+    decode = decoder_for(model)
     mx.reset_peak_memory()
     start = time.perf_counter()
     logits = _prefill(model, session, ids[cached:])
@@ -130,7 +132,7 @@ def stream_generate(
             # Queue step n+1 now; it runs while Python handles token n below.
             if recent is not None:
                 recent = mx.concatenate([recent, token])[-sampling.repetition_context :]
-            next_logits = model(token[None], session.cache, last_only=True)[:, -1, :]
+            next_logits = decode(token, session.cache)
             next_token = sampler(next_logits, recent)
             mx.async_eval(next_token)
         value = token.item()

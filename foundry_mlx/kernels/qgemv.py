@@ -324,7 +324,7 @@ def launch(
     bias: mx.array | None = None,
     residual: mx.array | None = None,
     inv_freq: mx.array | None = None,
-    position: int | None = None,
+    position: int | mx.array | None = None,
     rope_rows: int = 0,
     head_dim: int = 0,
 ) -> Launch:
@@ -342,7 +342,8 @@ def launch(
         inputs.append(residual.reshape(-1))
     half = head_dim // 2
     if variant.rope:
-        inputs += [inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32), _scalar(position, mx.int32)]
+        index = position if isinstance(position, mx.array) else _scalar(position, mx.int32)
+        inputs += [inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32), index]
     units = n_rows // variant.rows_per_unit
     rows, warps_n, warps_k = geometry(units, k, weight.bits)
     if variant.norm and k * dtype.size > MAX_STAGED_BYTES:

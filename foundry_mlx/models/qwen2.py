@@ -91,9 +91,7 @@ class Model(nn.Module):
     def hidden(self, inputs: mx.array, cache: list[KVCache]) -> mx.array:
         """The last layer's output (B, L, hidden) for token ids (B, L), before the final norm."""
         h = self.embed_tokens(inputs)
-        # Queries sit at positions offset..offset+L-1 and see every earlier key: MLX's "causal"
-        # mask is aligned to the end of the key sequence, which is exactly that.
-        mask = "causal" if inputs.shape[1] > 1 else None
+        mask = cache[0].attention_mask(inputs.shape[1])
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, mask, layer_cache)
         return h
