@@ -15,16 +15,14 @@ from . import kernels
 from .layers import Linear, RoPE
 
 
-def _decode_kernels(x: mx.array):
-    """The active kernel set if `x` is one token (B=1, L=1) and custom kernels are on, else None."""
-    if x.ndim == 3 and x.shape[0] == 1 and x.shape[1] == 1:
-        return kernels.active()
-    return None
+def _decode_kernels(batch: int, length: int):
+    """The active kernel set for one token of one sequence (B=1, L=1) with custom kernels on, else None."""
+    return kernels.active() if batch == 1 and length == 1 else None
 
 
 def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.array:
     """x Wᵀ + bias (+ residual)."""
-    custom = _decode_kernels(x)
+    custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and layer.bits is not None:
         return custom.linear(x, layer, residual=residual)
     y = layer.matmul(x)
@@ -35,7 +33,7 @@ def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.a
 
 def norm_linear(x: mx.array, norm_weight: mx.array, eps: float, layer: Linear) -> mx.array:
     """rms_norm(x) Wᵀ: the final norm and the LM head."""
-    custom = _decode_kernels(x)
+    custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and layer.bits is not None:
         return custom.linear(x, layer, norm_weight=norm_weight, eps=eps)
     return linear(mx.fast.rms_norm(x, norm_weight, eps), layer)
@@ -57,7 +55,7 @@ def norm_qkv_rope(
     """
     batch, length, _ = x.shape
     head_dim = rope.dims
-    custom = _decode_kernels(x)
+    custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and qkv.bits is not None:
         fused = custom.norm_qkv_rope(x, norm_weight, eps, qkv, rope, offset, n_heads, n_kv_heads)
         q, k, v = mx.split(fused, [n_heads * head_dim, (n_heads + n_kv_heads) * head_dim], axis=-1)
@@ -76,15 +74,24 @@ def norm_qkv_rope(
 
 def norm_swiglu(x: mx.array, norm_weight: mx.array, eps: float, gate_up: Linear) -> mx.array:
     """silu(gate) * up of rms_norm(x), with gate and up as one fused matrix [gate; up]."""
-    custom = _decode_kernels(x)
+    custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and gate_up.bits is not None:
         return custom.linear(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
     gate, up = mx.split(linear(mx.fast.rms_norm(x, norm_weight, eps), gate_up), 2, axis=-1)
     return mx.sigmoid(gate) * gate * up  # silu(gate) * up; MLX fuses the element-wise chain on GPU
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
-    """Scaled dot-product attention with grouped-query heads; returns (B, L, n_heads * D)."""
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None, cache=None
+) -> mx.array:
+    """Scaled dot-product attention with grouped-query heads; returns (B, L, n_heads * D).
+
+    `k`, `v` are what the cache returned (a view of its valid part, or its whole buffer with a
+    `mask` inside a compiled step); the decode kernel reads `cache`'s buffers and valid length.
+    """
+    custom = _decode_kernels(q.shape[0], q.shape[2])
+    if custom is not None and cache is not None and custom.supports_attention(q.shape[-1]):
+        return custom.decode_attention(q, cache.keys, cache.values, cache.valid_length(), scale)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     batch, _, length, _ = q.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

@@ -11,6 +11,7 @@ device headers (from an MLX source checkout: --mlx-source DIR, the folder holdin
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import qgemv  # noqa: E402
+from foundry_mlx.kernels import qgemv, sdpa  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -47,7 +48,7 @@ def variants():
                     qgemv.Variant(norm=True), qgemv.Variant(norm=True, swiglu=True),
                     qgemv.Variant(norm=True, bias=True, rope=True), qgemv.Variant(norm=True, rope=True)):
         for dtype in ("float16", "bfloat16", "float32"):
-            for bits in (4, 5, 6, 8) if dtype == "float16" else (5,):
+            for bits in (4, 5, 6, 8) if dtype == "float16" and os.environ.get("ALL_BITS") else (5,):
                 yield variant, dtype, bits
 
 
@@ -58,6 +59,20 @@ def main() -> int:
     args = parser.parse_args()
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
+        for dtype in ("float16", "float32"):
+            header, body = sdpa.SOURCE.render("cuda")
+            types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}
+            template = [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 256), ("WARPS", sdpa.WARPS)]
+            text = mlx_cuda_source("custom_kernel_attention", [(n, types[n]) for n in sdpa.SOURCE.input_names],
+                                   [("out", dtype)], header, body, template)
+            path = Path(scratch) / f"attention_{dtype}.cu"
+            path.write_text(text)
+            result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null",
+                                     f"-I{args.mlx_source}", str(path)], capture_output=True, text=True)
+            print(f"{'ok' if result.returncode == 0 else 'FAILED':6s} decode attention {dtype}")
+            if result.returncode:
+                print(result.stderr[-3000:])
+                return 1
         for variant, dtype, bits in variants():
             source = qgemv.kernel_source(variant, "cuda")
             header, body = source.render("cuda")

@@ -60,6 +60,10 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def valid_length(self) -> int:
+        """How many positions, from 0, hold keys (what attention reads)."""
+        return self.offset
+
     def attention_mask(self, length: int) -> str | None:
         """The mask for `length` new queries: causal within them (MLX aligns it to the end of the
         keys, so earlier positions are all visible); none for a single query."""
@@ -83,8 +87,11 @@ class StepCache:
     positions not written yet. Shapes change only when the buffer grows (every 256 positions).
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
-        self.keys, self.values, self.offset = keys, values, offset
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, length: mx.array) -> None:
+        self.keys, self.values, self.offset, self.length = keys, values, offset, length
+
+    def valid_length(self) -> mx.array:
+        return self.length  # offset + 1, given as an input so the trace holds no extra node
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         start = self.offset.reshape(1)

@@ -29,8 +29,8 @@ class Decoder:
         self.compiled = os.environ.get("FOUNDRY_COMPILE", "1") != "0" if compiled is None else compiled
         self._steps: dict[str, object] = {}
 
-    def _step(self, token: mx.array, offset: mx.array, keys: list[mx.array], values: list[mx.array]):
-        caches = [StepCache(k, v, offset) for k, v in zip(keys, values)]
+    def _step(self, token: mx.array, offset: mx.array, length: mx.array, keys: list[mx.array], values: list[mx.array]):
+        caches = [StepCache(k, v, offset, length) for k, v in zip(keys, values)]
         logits = self.model(token.reshape(1, 1), caches, last_only=True)[:, -1, :]
         return logits, [c.keys for c in caches], [c.values for c in caches]
 
@@ -47,7 +47,8 @@ class Decoder:
             step = self._steps[backend] = mx.compile(self._step)
         try:
             logits, keys, values = step(
-                token, mx.array(position, dtype=mx.int32), [c.keys for c in cache], [c.values for c in cache]
+                token, mx.array(position, dtype=mx.int32), mx.array(position + 1, dtype=mx.int32),
+                [c.keys for c in cache], [c.values for c in cache],
             )
         except (RuntimeError, ValueError) as error:  # an MLX build whose compile rejects a primitive
             warnings.warn(f"compiled decode failed ({error}); decoding eagerly instead", stacklevel=2)

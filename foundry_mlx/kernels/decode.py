@@ -9,13 +9,15 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..layers import Linear, RoPE
-from . import qgemv
+from . import qgemv, sdpa
+from .source import scalar
 
 
 class KernelSet:
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self._kernels: dict[qgemv.Variant, object] = {}
+        self._attention = None
 
     def _run(self, variant: qgemv.Variant, launch: qgemv.Launch) -> mx.array:
         kernel = self._kernels.get(variant)
@@ -59,3 +61,17 @@ class KernelSet:
             rope_rows=(n_heads + n_kv_heads) * rope.dims, head_dim=rope.dims,
         )
         return self._run(variant, launch).reshape(1, 1, -1)
+
+    @staticmethod
+    def supports_attention(head_dim: int) -> bool:
+        return sdpa.supported(head_dim)
+
+    def decode_attention(
+        self, q: mx.array, keys: mx.array, values: mx.array, valid: int | mx.array, scale: float
+    ) -> mx.array:
+        """One query token against the first `valid` positions of the cache buffers: (1, 1, H*D)."""
+        if self._attention is None:
+            self._attention = sdpa.SOURCE.build(self.backend)
+        valid = valid if isinstance(valid, mx.array) else scalar(valid, mx.int32)
+        out = self._attention(**sdpa.launch_arguments(q, keys, values, valid, scale))[0]
+        return out.reshape(1, 1, -1)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from .source import KernelSource
+from .source import KernelSource, scalar
 
 
 @dataclass(frozen=True)
@@ -288,21 +288,6 @@ def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
     return rows, WARPS // split, split
 
 
-_scalars: dict[tuple, mx.array] = {}
-
-
-def _scalar(value: float | int, dtype: mx.Dtype) -> mx.array:
-    """0-d inputs, made once per value: every layer of a decode step shares the same position and
-    eps arrays instead of creating (and copying to the GPU) one per kernel call."""
-    key = (value, dtype)
-    array = _scalars.get(key)
-    if array is None:
-        if len(_scalars) > 4096:
-            _scalars.clear()
-        array = _scalars[key] = mx.array(value, dtype=dtype)
-    return array
-
-
 @dataclass(frozen=True)
 class Launch:
     """Everything an MLX custom-kernel call needs besides the kernel object."""
@@ -335,14 +320,14 @@ def launch(
     dtype = x.dtype
     inputs = [x.reshape(-1), weight.weight, weight.scales, weight.biases]
     if variant.norm:
-        inputs += [norm_weight, _scalar(eps, mx.float32)]
+        inputs += [norm_weight, scalar(eps, mx.float32)]
     if variant.bias:
         inputs.append(bias)
     if variant.residual:
         inputs.append(residual.reshape(-1))
     half = head_dim // 2
     if variant.rope:
-        index = position if isinstance(position, mx.array) else _scalar(position, mx.int32)
+        index = position if isinstance(position, mx.array) else scalar(position, mx.int32)
         inputs += [inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32), index]
     units = n_rows // variant.rows_per_unit
     rows, warps_n, warps_k = geometry(units, k, weight.bits)

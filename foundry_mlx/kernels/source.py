@@ -15,7 +15,8 @@ define it. What differs between MLX's two custom-kernel APIs, and how it is brid
 In both, template parameters are invisible to the header (helpers there take values as
 arguments) and the launch grid is counted in threads, not groups. Portable names used by bodies:
 `thread_id`, `group_id`, `lane`, `warp` (prologue), `SIMD_SUM(v)`, `BARRIER()`, `SHARED`,
-`SCALAR(name)`, `PRECISE_COS/SIN/EXP/RSQRT(v)`, `UINT` (32-bit unsigned index type).
+`SCALAR(name)`, `SIMD_SHUFFLE_XOR(v, mask)`, `NEG_INFINITY`, `PRECISE_COS/SIN/EXP/RSQRT(v)`,
+`UINT` (32-bit unsigned index type).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ BACKENDS = ("metal", "cuda")
 _PRELUDE = {
     "metal": """
 #define SIMD_SUM(v) simd_sum(v)
+#define SIMD_SHUFFLE_XOR(v, mask) simd_shuffle_xor(v, (ushort)(mask))
+#define NEG_INFINITY (-INFINITY)
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define SHARED threadgroup
 #define SCALAR(name) (name)
@@ -42,6 +45,8 @@ __device__ __forceinline__ float foundry_warp_sum(float v) {
   return v;
 }
 #define SIMD_SUM(v) foundry_warp_sum(v)
+#define SIMD_SHUFFLE_XOR(v, mask) __shfl_xor_sync(0xffffffffu, v, mask)
+#define NEG_INFINITY (-__int_as_float(0x7f800000))
 #define BARRIER() __syncthreads()
 #define SHARED __shared__ __align__(16)
 #define SCALAR(name) (name[0])
@@ -98,3 +103,20 @@ class KernelSource:
             source=source,
             header=header,
         )
+
+
+_scalars: dict[tuple, object] = {}
+
+
+def scalar(value: float | int, dtype):
+    """A 0-d kernel input, made once per value: every layer of a decode step shares the same
+    position and eps arrays instead of creating (and copying to the GPU) one per kernel call."""
+    import mlx.core as mx
+
+    key = (value, dtype)
+    array = _scalars.get(key)
+    if array is None:
+        if len(_scalars) > 4096:
+            _scalars.clear()
+        array = _scalars[key] = mx.array(value, dtype=dtype)
+    return array

@@ -42,7 +42,7 @@ class Attention(nn.Module):
             x, self.norm_weight, self.eps, self.qkv_proj, self.rope, cache.offset, self.n_heads, self.n_kv_heads
         )
         k, v = cache.update_and_fetch(k, v)
-        out = ops.attention(q, k, v, self.scale, mask)
+        out = ops.attention(q, k, v, self.scale, mask, cache)
         return ops.linear(out, self.o_proj, residual=x)
 
 

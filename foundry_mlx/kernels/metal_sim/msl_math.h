@@ -3,6 +3,12 @@
 // header brings non-MSL names into the kernel.
 #pragma once
 
+// metal_math's float constants (MSL spec, "Math Functions": MAXFLOAT, HUGE_VALF, INFINITY, NAN).
+#define MAXFLOAT __FLT_MAX__
+#define HUGE_VALF __builtin_huge_valf()
+#define INFINITY __builtin_inff()
+#define NAN __builtin_nanf("")
+
 namespace metal_sim_detail {
 
 using metal::enable_if_t;
