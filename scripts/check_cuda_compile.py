@@ -79,7 +79,7 @@ def main() -> int:
             types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "norm_weight": dtype, "eps": "float32",
                      "bias": dtype, "residual": dtype, "inv_freq": "float32", "position": "int32"}
             template = [("T", dtype), ("BITS", bits), ("GROUP", 32), ("K", 896), ("UNITS", 1152), ("ROWS", 2),
-                        ("WARPS_N", 4), ("WARPS_K", 2), ("HALF", 32), ("ROPE_ROWS", 1024)]
+                        ("WARPS_N", 4), ("WARPS_K", 2), ("CHUNK", qgemv.chunk(bits)), ("HALF", 32), ("ROPE_ROWS", 1024)]
             text = mlx_cuda_source(f"custom_kernel_{source.name}", [(n, types[n]) for n in source.input_names],
                                    [("y", dtype)], header, body, template)
             path = Path(scratch) / f"{source.name}_{dtype}_{bits}.cu"

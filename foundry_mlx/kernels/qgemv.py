@@ -25,6 +25,7 @@ norm, after the matmul), so the kernels and `reference` agree to T's precision.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -164,7 +165,10 @@ inline void foundry_load_words(const device uint32_t* source, thread unsigned in
 
 
 def chunk(bits: int) -> int:
-    """Values per lane per step: 16, or 32 where 16 values would not fill whole 32-bit words."""
+    """Values per lane per step: 16, or 32 where 16 values would not fill whole 32-bit words.
+    FOUNDRY_GEMV_WIDE=1 takes 32 for 4-bit too (16-byte weight loads; an experiment switch)."""
+    if bits == 4 and os.environ.get("FOUNDRY_GEMV_WIDE") == "1":
+        return 32
     return 16 if (16 * bits) % 32 == 0 else 32
 
 
@@ -196,7 +200,7 @@ def body(variant: Variant) -> str:
         x_source = "x_norm"
     return f"""
   constexpr int BITS_ = BITS;
-  constexpr int E = (16 * BITS_) % 32 == 0 ? 16 : 32;   // values per lane per step
+  constexpr int E = CHUNK;                                // values per lane per step
   constexpr int W = E * BITS_ / 32;                      // packed words per chunk
   constexpr int STEP = 32 * E;                           // values per SIMD-group per step
   constexpr int WORDS_PER_ROW = K * BITS_ / 32;
@@ -336,7 +340,7 @@ def launch(
     groups = -(-units // (warps_n * rows))
     template = [
         ("T", dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("K", k), ("UNITS", units),
-        ("ROWS", rows), ("WARPS_N", warps_n), ("WARPS_K", warps_k), ("HALF", max(half, 1)),
+        ("ROWS", rows), ("WARPS_N", warps_n), ("WARPS_K", warps_k), ("CHUNK", chunk(weight.bits)), ("HALF", max(half, 1)),
         ("ROPE_ROWS", rope_rows),
     ]
     out = (units,) if variant.swiglu else (n_rows,)
