@@ -62,7 +62,7 @@ def main() -> int:
         for dtype in ("float16", "float32"):
             header, body = sdpa.SOURCE.render("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}
-            template = [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 256), ("WARPS", sdpa.WARPS)]
+            template = [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 256), ("WARPS", sdpa.warps_for(2304))]
             text = mlx_cuda_source("custom_kernel_attention", [(n, types[n]) for n in sdpa.SOURCE.input_names],
                                    [("out", dtype)], header, body, template)
             path = Path(scratch) / f"attention_{dtype}.cu"

@@ -13,7 +13,7 @@ from foundry_mlx.kernels.metal_sim import run_metal_kernel
 
 # (heads, kv_heads, head_dim, buffer length, valid positions): Qwen2.5-0.5B (14/2, 64), 7B (28/4, 128),
 # a buffer far longer than its valid part, a single valid position, MHA without grouping.
-CASES = [(14, 2, 64, 256, 37), (28, 4, 128, 512, 300), (14, 2, 64, 2304, 2049), (4, 4, 64, 256, 1), (8, 2, 32, 64, 64)]
+CASES = [(14, 2, 64, 256, 37), (28, 4, 128, 512, 300), (14, 2, 64, 2304, 2049), (28, 4, 128, 2304, 1500), (4, 4, 64, 256, 1), (8, 2, 32, 64, 64)]
 
 
 def inputs(heads, kv_heads, head_dim, length, seed=0):
