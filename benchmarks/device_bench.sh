@@ -6,6 +6,8 @@
 set -o pipefail
 bash .device/b/install.sh || exit 3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# The device gets a copy of the tree without .git: pass the commit in, e.g. REVISION=$(git rev-parse --short HEAD).
+export FOUNDRY_GIT_REVISION=${REVISION:-unknown}
 mkdir -p /tmp/results
 for spec in "$@"; do
   set -- $spec

@@ -183,6 +183,11 @@ def machine_info() -> dict:
 
 
 def _git_revision() -> str:
+    """The checkout's commit (+dirty); where there is no .git (a copied tree), $FOUNDRY_GIT_REVISION."""
+    import os
+
+    if os.environ.get("FOUNDRY_GIT_REVISION"):
+        return os.environ["FOUNDRY_GIT_REVISION"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
