@@ -137,7 +137,7 @@ def main() -> None:
     for name, variant, kwargs, parts in cases(dtype):
         weight = kwargs["weight"]
         launch = qgemv.launch(variant, **kwargs)
-        ours = time_per_call(lambda: kernel_set._run(variant, launch))
+        ours = time_per_call(lambda variant=variant, launch=launch: kernel_set._run(variant, launch))
         theirs = time_per_call(stock(name, kwargs, parts))
         gbytes = weight.nbytes / 1e9
         rows.append({"kernel": name, "ours_us": ours * 1e6, "stock_us": theirs * 1e6, "ours_gb_s": gbytes / ours,

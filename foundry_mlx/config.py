@@ -39,7 +39,7 @@ class ModelConfig:
         return values
 
     @classmethod
-    def from_hf_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Read a Hugging Face / mlx-lm config.json."""
         heads = values["num_attention_heads"]
         known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "name", "head_dim")}

@@ -30,7 +30,7 @@ class Linear(nn.Module):
             self.bias = bias
 
     @classmethod
-    def fused(cls, weights: list[Any], biases: list[mx.array | None] | None = None) -> "Linear":
+    def fused(cls, weights: list[Any], biases: list[mx.array | None] | None = None) -> Linear:
         """Several projections of the same input as one matrix (rows stacked in order)."""
         bias = None
         if biases is not None and any(b is not None for b in biases):

@@ -17,8 +17,8 @@ package and re-quantized to 8 bits (with a one-line warning per type).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np

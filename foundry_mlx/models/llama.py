@@ -6,6 +6,6 @@ permutation) and SwiGLU MLP. `Linear` carries a bias only where the weights have
 Qwen2 classes serve unchanged; Llama 3's RoPE frequency factors arrive through `rope_scaling`.
 """
 
-from .qwen2 import Attention, MLP, Model, TransformerBlock
+from .qwen2 import MLP, Attention, Model, TransformerBlock
 
 __all__ = ["Attention", "MLP", "Model", "TransformerBlock"]
