@@ -39,6 +39,6 @@ def describe(name: str) -> str:
     for type_name in sorted(types):
         rule = quant.POLICY.get(quant.T[type_name])
         form = rule.note if rule else "dequantized, re-quantized to 8-bit g32 (warned)"
-        exact = "exact" if (rule is None or rule.exact) and rule is not None else "near"
+        exact = "exact" if rule is not None and rule.exact else "near"
         lines.append(f"  {type_name:6s} → {form} ({exact})")
     return "\n".join(lines)
