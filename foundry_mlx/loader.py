@@ -48,7 +48,6 @@ def load(
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     weights = read_weights(gguf, config, dtype, progress, exact)
     model = models.build(config, weights)
-    mx.eval(model.parameters())
     model.source = path
     return model, tokenizer
 

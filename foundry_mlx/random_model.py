@@ -104,7 +104,6 @@ def make_random_model(shape: str, quant: str, dtype: mx.Dtype = mx.float16, seed
         weights[f"{prefix}.input_layernorm.weight"] = mx.ones((hidden,), dtype=dtype)
         weights[f"{prefix}.post_attention_layernorm.weight"] = mx.ones((hidden,), dtype=dtype)
     model = models.build(config, weights)
-    mx.eval(model.parameters())
     model.source = f"random:{shape}:{quant}"
     return model, synthetic_tokenizer(config.vocab_size)
 

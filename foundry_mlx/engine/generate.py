@@ -126,7 +126,7 @@ def stream_generate(
     stops = _StopMatcher(stop)
     eos = frozenset() if ignore_eos else tokenizer.eos_token_ids
     prompt_tokens = len(ids) - cached
-    first_token_time = prompt_time = 0.0
+    first_token_time = 0.0
     for count in range(1, max_tokens + 1):
         if count < max_tokens:
             # Queue step n+1 now; it runs while Python handles token n below.
@@ -140,7 +140,6 @@ def stream_generate(
             session.tokens.append(value)  # it was fed to the model by the step just queued
         if count == 1:
             first_token_time = time.perf_counter() - start
-            prompt_time = first_token_time
         finished = value in eos
         text = "" if finished else detokenizer.add(value)
         reason = "stop" if finished else ("length" if count == max_tokens else None)
@@ -149,12 +148,12 @@ def stream_generate(
         text, hit = stops.feed(text, final=reason is not None)
         if hit:
             reason = "stop"
-        elapsed = time.perf_counter() - start - prompt_time
+        elapsed = time.perf_counter() - start - first_token_time
         yield GenerationResponse(
             text=text,
             token=value,
             prompt_tokens=prompt_tokens,
-            prompt_tps=prompt_tokens / max(prompt_time, 1e-9),
+            prompt_tps=prompt_tokens / max(first_token_time, 1e-9),
             generation_tokens=count,
             generation_tps=(count - 1) / elapsed if count > 1 and elapsed > 0 else 0.0,
             time_to_first_token=first_token_time,

@@ -173,6 +173,5 @@ def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True):
         else:
             weights[name] = tensor.astype(dtype)
     model = models.build(config, weights)
-    mx.eval(model.parameters())
     model.source = path
     return model, Tokenizer.from_directory(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import mlx.core as mx
+
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 
@@ -12,10 +14,12 @@ FAMILIES = ("qwen2", "llama")
 
 
 def build(config: ModelConfig, weights: dict[str, Any]):
-    """Instantiate the family's `Model` from converted weights."""
+    """Instantiate the family's `Model` from converted weights, evaluated (loaded) now."""
     if config.model_type not in FAMILIES:
         raise ModelFormatError(
             f"Model type {config.model_type!r} is not supported; supported: {', '.join(FAMILIES)}."
         )
     module = importlib.import_module(f"{__name__}.{config.model_type}")
-    return module.Model(config, weights)
+    model = module.Model(config, weights)
+    mx.eval(model.parameters())
+    return model
