@@ -302,9 +302,15 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
             directory = model.source if Path(model.source).is_dir() else save_directory(model, tokenizer, Path(scratch) / "mlx", progress=False)
             selected.append(benchmark.mlx_lm_engine(directory, ours.weight_bytes, ours.kv_bytes_per_position))
         measurements = benchmark.run(selected, config, model.config.vocab_size, log=lambda line: click.echo(line, err=True))
+    from .engine.decoder import fused_decoder_for, step_nodes
+
+    nodes = step_nodes(model)
     meta = {**benchmark.machine_info(), "model": str(model.source), "command": "foundry-mlx " + shlex.join(sys.argv[1:]),
-            "weight_bytes_per_token": ours.weight_bytes, "config": vars(config)}
+            "weight_bytes_per_token": ours.weight_bytes, "decode_step": "fused" if fused_decoder_for(model) else "per-op",
+            "graph_nodes_per_token": nodes, "config": vars(config)}
     text = benchmark.table(measurements)
+    click.echo(f"foundry-mlx decode step: {meta['decode_step']}, {nodes} graph nodes per token "
+               f"({model.config.num_hidden_layers} layers)")
     click.echo(text)
     if out_prefix:
         prefix = Path(out_prefix)

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import qgemv, sdpa  # noqa: E402
+from foundry_mlx.kernels import embed, qgemv, sample, sdpa  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -52,6 +52,50 @@ def variants():
                 yield variant, dtype, bits
 
 
+def _compile(args, scratch: Path, label: str, name: str, source, types: dict, outputs, template) -> bool:
+    header, body = source.render("cuda")
+    text = mlx_cuda_source(f"custom_kernel_{name}", [(n, types[n]) for n in source.input_names], outputs, header, body,
+                           template)
+    path = scratch / f"{name}.cu"
+    path.write_text(text)
+    result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null", f"-I{args.mlx_source}",
+                             str(path)], capture_output=True, text=True)
+    print(f"{'ok' if result.returncode == 0 else 'FAILED':6s} {label}")
+    if result.returncode:
+        print(result.stderr[-3000:])
+    return result.returncode != 0
+
+
+def compile_fused(args, scratch: Path) -> bool:
+    """The fused decode step's kernels: fused QKV (+ KV write), attention, embedding, sampling."""
+    failed = False
+    for dtype in ("float16", "bfloat16", "float32"):
+        base = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "norm_weight": dtype, "bias": dtype,
+                "residual": dtype, "inv_freq": "float32", "state": "int32", "k_cache": dtype, "v_cache": dtype}
+        gemv = [("T", dtype), ("BITS", 5), ("GROUP", 32), ("K", 896), ("UNITS", 576), ("ROWS", 1), ("WARPS_N", 4),
+                ("WARPS_K", 2), ("CHUNK", qgemv.chunk(5)), ("HALF", 32), ("ROPE_ROWS", 1024), ("Q_ROWS", 896),
+                ("KV_ROWS", 128), ("HEAD_DIM", 64), ("S", 512)]
+        for variant in (qgemv.Variant(norm=True, bias=True, rope=True, fused=True), qgemv.Variant(residual=True, fused=True),
+                        qgemv.Variant(norm=True, swiglu=True, fused=True), qgemv.Variant(norm=True, fused=True)):
+            source = qgemv.kernel_source(variant, "cuda", 1e-6)
+            failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source, base,
+                               [("y", dtype)], gemv)
+        source = sdpa.fused_source(0.125)
+        failed |= _compile(args, scratch, f"fused attention {dtype}", f"attention_fused_{dtype}", source,
+                           {"q": dtype, "keys": dtype, "values": dtype, "state": "int32"}, [("out", dtype)],
+                           [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 512), ("WARPS", 8)])
+        source = embed.kernel_source()
+        failed |= _compile(args, scratch, f"embedding {dtype}", f"embed_{dtype}", source,
+                           {"state": "int32", "table": "uint32", "scales": dtype, "biases": dtype}, [("x", dtype)],
+                           [("T", dtype), ("HIDDEN", 896), ("THREADS", 256), ("BITS", 5), ("GROUP", 32), ("DENSE", False)])
+        source = sample.kernel_source("cuda")
+        failed |= _compile(args, scratch, f"sampling {dtype}", f"sample_{dtype}", source,
+                           {"logits": dtype, "params": "float32", "state": "int32", "recent": "int32"},
+                           [("next_state", "int32"), ("token_out", "int32"), ("work", "float32")],
+                           [("T", dtype), ("V", 151936), ("THREADS", 1024), ("RECENT", 64)])
+    return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mlx-source", required=True, type=Path)
@@ -73,6 +117,8 @@ def main() -> int:
             if result.returncode:
                 print(result.stderr[-3000:])
                 return 1
+        if compile_fused(args, Path(scratch)):
+            return 1
         for variant, dtype, bits in variants():
             source = qgemv.kernel_source(variant, "cuda")
             header, body = source.render("cuda")

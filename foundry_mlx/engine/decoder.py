@@ -67,3 +67,112 @@ def decoder_for(model) -> Decoder:
         decoder = Decoder(model)
         object.__setattr__(model, "_decoder", decoder)
     return decoder
+
+
+class FusedDecoder:
+    """The fused decode step (kernels/fused_step.py): token id in, token id out, on the device.
+
+    `start` samples the first token from the prefill's logits with the sampling kernel and sets
+    up the step's device-resident state; each `advance` queues one compiled step (~5 graph nodes
+    per layer) and returns its token as a lazy (1,) array. Nothing here waits for the device.
+    """
+
+    def __init__(self, model, kernel_set, compiled: bool = True) -> None:
+        from ..kernels import fused_step
+
+        self.model = model
+        self.kernels = kernel_set
+        self.functional = kernel_set.backend == "reference"  # cache and ring come back as new arrays
+
+        def step(state, params, recent, keys, values):
+            next_state, token, keys, values, recent = fused_step.decode_step(
+                kernel_set, model, state, params, recent, keys, values)
+            if self.functional:
+                return next_state, token, keys, values, recent
+            return next_state, token  # the kernels wrote the cache and the ring in place
+
+        self._step = mx.compile(step) if compiled and not self.functional else step
+
+    def start(self, cache: list[KVCache], logits: mx.array, params, recent_ids: list[int], seed: int) -> mx.array:
+        from ..kernels import sample
+
+        self.cache = cache
+        window = max(params.repetition_context, 1)
+        ring = (list(recent_ids[-window:]) if params.repetition_penalty != 1.0 else []) + [0] * window
+        self.recent = mx.array(ring[:window], dtype=mx.int32)
+        seen = min(len(recent_ids), window) if params.repetition_penalty != 1.0 else 0
+        self.params = sample.make_params(params.temperature, params.top_k, params.top_p, params.min_p,
+                                         params.repetition_penalty)
+        position = cache[0].offset - 1  # the prompt's last position: the sampled token goes after it
+        state = sample.make_state(position, 0, 0, seed, seen)
+        self.state, token, self.recent = self.kernels.sample(logits.reshape(-1), self.params, state, self.recent)
+        self.position = position + 1
+        return token
+
+    def advance(self) -> mx.array:
+        """Queue the step that feeds the current token; return the token it samples (lazy)."""
+        for layer_cache in self.cache:
+            layer_cache.reserve(self.position + 1)
+        keys = [c.keys for c in self.cache]
+        values = [c.values for c in self.cache]
+        outputs = self._step(self.state, self.params, self.recent, keys, values)
+        self.state, token = outputs[0], outputs[1]
+        if self.functional:
+            keys, values, self.recent = outputs[2], outputs[3], outputs[4]
+            for layer_cache, k, v in zip(self.cache, keys, values):
+                layer_cache.keys, layer_cache.values = k, v
+        self.position += 1
+        for layer_cache in self.cache:
+            layer_cache.offset = self.position
+        return token
+
+
+def fused_decoder_for(model) -> FusedDecoder | None:
+    """The model's fused decoder where the kernel backend and the model allow it, else None.
+    `FOUNDRY_FUSED=0` turns it off (the per-kernel compiled step is used instead)."""
+    if os.environ.get("FOUNDRY_FUSED", "1") == "0":
+        return None
+    kernel_set = kernels.active()
+    if kernel_set is None:
+        return None
+    from ..kernels import fused_step
+
+    cached = getattr(model, "_fused_decoder", None)
+    if cached is not None and cached.kernels.backend == kernel_set.backend:
+        return cached
+    if fused_step.unsupported_reason(model) is not None:
+        return None
+    decoder = FusedDecoder(model, fused_step.GpuKernels(kernel_set.backend))
+    object.__setattr__(model, "_fused_decoder", decoder)
+    return decoder
+
+
+def graph_nodes(*outputs: mx.array) -> int:
+    """Primitives in the graph that computes `outputs` from evaluated inputs (what MLX walks and
+    dispatches each time; `mx.export_to_dot` draws one rectangle per primitive)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".dot") as handle:
+        mx.export_to_dot(handle.name, *outputs)
+        return handle.read().decode().count("shape=rectangle")
+
+
+def step_nodes(model) -> int:
+    """Graph nodes of one decode step as generation runs it (fused, or the model-file step)."""
+    cache = model.make_cache(64)
+    prompt = mx.array([[1, 2, 3, 4]])
+    for layer_cache in cache:
+        layer_cache.reserve(16)
+    logits = model(prompt, cache, last_only=True)[:, -1, :]
+    fused = fused_decoder_for(model)
+    if fused is not None:
+        from .sampling import SamplingParams
+
+        token = fused.start(cache, logits, SamplingParams(), [1, 2, 3, 4], 0)
+        mx.eval(token, fused.state, fused.recent, [c.keys for c in cache], [c.values for c in cache])
+        token = fused.advance()
+        count = graph_nodes(token, fused.state)
+        mx.eval(token, fused.state)
+        return count
+    mx.eval(logits, [c.keys for c in cache], [c.values for c in cache])
+    return graph_nodes(decoder_for(model)(mx.array([5]), cache))

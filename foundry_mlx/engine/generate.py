@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,8 +20,8 @@ import mlx.core as mx
 
 from ..errors import ContextLengthError, FoundryError
 from .cache import KVCache
-from .decoder import decoder_for
-from .sampling import Sampler, SamplingParams
+from .decoder import decoder_for, fused_decoder_for
+from .sampling import Sampler, SamplingParams, _fresh_seed
 
 PREFILL_STEP = 2048
 
@@ -114,13 +116,14 @@ def stream_generate(
     for layer_cache in session.cache:
         layer_cache.reserve(needed)
 
-    decode = decoder_for(model)
     mx.reset_peak_memory()
     start = time.perf_counter()
     logits = _prefill(model, session, ids[cached:])
-    recent = mx.array(ids[-sampling.repetition_context :]) if sampling.repetition_penalty != 1.0 else None
-    token = sampler(logits, recent)
-    mx.async_eval(token)
+    runner = _runner(model, session, sampling, sampler, ids, logits)
+    ahead = runner.ahead
+    pending = deque([runner.first])
+    mx.async_eval(runner.first)
+    queued = 0  # decode steps queued: each feeds one token to the model
 
     detokenizer = tokenizer.detokenizer()
     stops = _StopMatcher(stop)
@@ -128,16 +131,14 @@ def stream_generate(
     prompt_tokens = len(ids) - cached
     first_token_time = 0.0
     for count in range(1, max_tokens + 1):
-        if count < max_tokens:
-            # Queue step n+1 now; it runs while Python handles token n below.
-            if recent is not None:
-                recent = mx.concatenate([recent, token])[-sampling.repetition_context :]
-            next_logits = decode(token, session.cache)
-            next_token = sampler(next_logits, recent)
-            mx.async_eval(next_token)
-        value = token.item()
-        if count < max_tokens:
-            session.tokens.append(value)  # it was fed to the model by the step just queued
+        # Queue the next steps now; they run while Python handles this token below.
+        while queued < max_tokens - 1 and len(pending) <= ahead:
+            pending.append(runner.advance(pending[-1]))
+            mx.async_eval(pending[-1])
+            queued += 1
+        value = pending.popleft().item()
+        if count <= queued:
+            session.tokens.append(value)  # it was fed to the model by a step already queued
         if count == 1:
             first_token_time = time.perf_counter() - start
         finished = value in eos
@@ -161,8 +162,48 @@ def stream_generate(
             finish_reason=reason,
         )
         if reason is not None:
+            # Steps queued past the end fed tokens nobody will see: forget their cache positions.
+            for layer_cache in session.cache:
+                layer_cache.trim(len(session.tokens))
             return
-        token = next_token
+
+
+class _ReferenceRunner:
+    """Logits from the model-file step (compiled, per-kernel or reference ops), then `Sampler`."""
+
+    ahead = 1
+
+    def __init__(self, model, session: Session, sampling: SamplingParams, sampler: Sampler, ids, logits) -> None:
+        self.decode = decoder_for(model)
+        self.session, self.sampler, self.sampling = session, sampler, sampling
+        self.recent = mx.array(ids[-sampling.repetition_context :]) if sampling.repetition_penalty != 1.0 else None
+        self.first = sampler(logits, self.recent)
+
+    def advance(self, token: mx.array) -> mx.array:
+        if self.recent is not None:
+            self.recent = mx.concatenate([self.recent, token])[-self.sampling.repetition_context :]
+        return self.sampler(self.decode(token, self.session.cache), self.recent)
+
+
+class _FusedRunner:
+    """The fused step (kernels/fused_step.py): tokens and sampling stay on the device, so steps can
+    be queued several ahead of the token Python is handling (FOUNDRY_DECODE_AHEAD, default 2)."""
+
+    def __init__(self, fused, session: Session, sampling: SamplingParams, ids, logits) -> None:
+        self.fused = fused
+        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "2")))
+        seed = sampling.seed if sampling.seed is not None else _fresh_seed()
+        self.first = fused.start(session.cache, logits, sampling, list(ids), seed)
+
+    def advance(self, token: mx.array) -> mx.array:
+        return self.fused.advance()
+
+
+def _runner(model, session: Session, sampling: SamplingParams, sampler: Sampler, ids, logits):
+    fused = fused_decoder_for(model)
+    if fused is not None:
+        return _FusedRunner(fused, session, sampling, ids, logits)
+    return _ReferenceRunner(model, session, sampling, sampler, ids, logits)
 
 
 def _prefill(model, session: Session, new_ids: list[int]) -> mx.array:

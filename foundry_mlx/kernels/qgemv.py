@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from .source import KernelSource, scalar
+from .source import KernelSource, float_literal, scalar
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,15 @@ class Variant:
     residual: bool = False
     swiglu: bool = False
     rope: bool = False
+    # The fused decode step's form (kernels/fused_step.py): eps is baked into the source instead of
+    # a 0-d input (MLX keeps buffers of 8 bytes or less in managed memory, which the host touches
+    # every step), the position is read from the step's device-resident `state`, and the RoPE
+    # variant writes the new K and V rows straight into the KV cache buffers.
+    fused: bool = False
 
     @property
     def name(self) -> str:
-        flags = [f for f in ("norm", "bias", "residual", "swiglu", "rope") if getattr(self, f)]
+        flags = [f for f in ("norm", "bias", "residual", "swiglu", "rope", "fused") if getattr(self, f)]
         return "foundry_qgemv" + "".join(f"_{f}" for f in flags)
 
     @property
@@ -53,10 +58,11 @@ class Variant:
 
     def input_names(self) -> tuple[str, ...]:
         names = ["x", "w", "scales", "biases"]
-        names += ["norm_weight", "eps"] if self.norm else []
+        names += (["norm_weight"] if self.fused else ["norm_weight", "eps"]) if self.norm else []
         names += ["bias"] if self.bias else []
         names += ["residual"] if self.residual else []
-        names += ["inv_freq", "position"] if self.rope else []
+        if self.rope:
+            names += ["inv_freq", "state", "k_cache", "v_cache"] if self.fused else ["inv_freq", "position"]
         return tuple(names)
 
 
@@ -67,6 +73,21 @@ def _row_expression(variant: Variant) -> str:
     if variant.rope:
         return "((unit / HALF) * 2 * HALF + (unit % HALF) + which * HALF)"
     return "unit"
+
+
+# The fused QKV kernel stores the new K and V rows at the step's position in the cache buffers
+# (1, kv_heads, S, D) it was given as inputs: an in-place write MLX does not see. It is safe
+# because nothing reads those positions before the attention kernel, which depends on this
+# kernel's output, and it saves the two SliceUpdate nodes per layer a functional update costs.
+_CACHE_WRITE = """
+      if (row_a >= Q_ROWS) {
+        const bool is_key = row_a < Q_ROWS + KV_ROWS;
+        const int r = row_a - Q_ROWS - (is_key ? 0 : KV_ROWS);
+        MUTABLE(T, is_key ? k_cache : v_cache)[((long)(r / HEAD_DIM) * S + state[0]) * HEAD_DIM + r % HEAD_DIM] =
+            static_cast<T>(a);
+        MUTABLE(T, is_key ? k_cache : v_cache)[((long)(r / HEAD_DIM) * S + state[0]) * HEAD_DIM + r % HEAD_DIM + HALF] =
+            static_cast<T>(b);
+      }"""
 
 
 def _epilogue(variant: Variant) -> str:
@@ -80,6 +101,8 @@ def _epilogue(variant: Variant) -> str:
         bias = "" if not variant.bias else """
       a = static_cast<float>(static_cast<T>(a) + bias[row_a]);
       b = static_cast<float>(static_cast<T>(b) + bias[row_b]);"""
+        position = "state[0]" if variant.fused else "SCALAR(position)"
+        cache_write = _CACHE_WRITE if variant.fused else ""
         return f"""
       const int d = unit % HALF;
       const int row_a = (unit / HALF) * 2 * HALF + d;
@@ -89,7 +112,7 @@ def _epilogue(variant: Variant) -> str:
       a = static_cast<float>(static_cast<T>(a));
       b = static_cast<float>(static_cast<T>(b));
       if (row_a < ROPE_ROWS) {{
-        const float angle = static_cast<float>(SCALAR(position)) * inv_freq[d];
+        const float angle = static_cast<float>({position}) * inv_freq[d];
         const float c = PRECISE_COS(angle);
         const float s = PRECISE_SIN(angle);
         const float rotated_a = a * c - b * s;
@@ -97,7 +120,7 @@ def _epilogue(variant: Variant) -> str:
         a = rotated_a;
       }}
       y[row_a] = static_cast<T>(a);
-      y[row_b] = static_cast<T>(b);"""
+      y[row_b] = static_cast<T>(b);{cache_write}"""
     lines = ["      float value = acc[u];"]
     if variant.bias:
         lines.append("      value = static_cast<float>(static_cast<T>(value) + bias[unit]);")
@@ -172,7 +195,7 @@ def chunk(bits: int) -> int:
     return 16 if (16 * bits) % 32 == 0 else 32
 
 
-def body(variant: Variant) -> str:
+def body(variant: Variant, eps: float | None = None) -> str:
     rows_per_unit = variant.rows_per_unit
     stage = ""
     x_source = "x"
@@ -191,12 +214,12 @@ def body(variant: Variant) -> str:
   BARRIER();
   float total = 0.0f;
   for (int i = 0; i < WARPS_N * WARPS_K; ++i) total += norm_partial[i];
-  const float inv_rms = PRECISE_RSQRT(total / K + SCALAR(eps));
+  const float inv_rms = PRECISE_RSQRT(total / K + {eps});
   for (int k = (int)thread_id; k < K; k += THREADS) {
     x_norm[k] = static_cast<T>(static_cast<float>(x[k]) * inv_rms * static_cast<float>(norm_weight[k]));
   }
   BARRIER();
-"""
+""".replace("{eps}", "SCALAR(eps)" if not variant.fused else float_literal(eps))
         x_source = "x_norm"
     return f"""
   constexpr int BITS_ = BITS;
@@ -268,8 +291,12 @@ def body(variant: Variant) -> str:
 """
 
 
-def kernel_source(variant: Variant, backend: str) -> KernelSource:
-    return KernelSource(variant.name, variant.input_names(), ("y",), body(variant), _HEADER[backend])
+def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> KernelSource:
+    """The kernel for `backend`; a fused variant with a norm bakes `eps` into its source and name."""
+    name = variant.name
+    if variant.fused and variant.norm:
+        name += "_eps" + float_literal(eps).replace(".", "p").replace("-", "m").replace("+", "").rstrip("f")
+    return KernelSource(name, variant.input_names(), ("y",), body(variant, eps), _HEADER[backend])
 
 
 WARPS = 8  # SIMD-groups per threadgroup
@@ -316,23 +343,35 @@ def launch(
     position: int | mx.array | None = None,
     rope_rows: int = 0,
     head_dim: int = 0,
+    state: mx.array | None = None,
+    k_cache: mx.array | None = None,
+    v_cache: mx.array | None = None,
 ) -> Launch:
-    """Arguments for one call on a single token `x` (any shape with K elements)."""
+    """Arguments for one call on a single token `x` (any shape with K elements). The fused RoPE
+    variant takes `state` (position at [0]) and the layer's cache buffers (1, kv_heads, S, D)."""
     n_rows, k = weight.shape
     if k % 32 or k % weight.group_size or x.size != k:
         raise ValueError(f"GEMV needs K a multiple of 32 and of the group; got K={k}, x of {x.size}")
     dtype = x.dtype
-    inputs = [x.reshape(-1), weight.weight, weight.scales, weight.biases]
+    inputs = [x if x.ndim == 1 else x.reshape(-1), weight.weight, weight.scales, weight.biases]
     if variant.norm:
-        inputs += [norm_weight, scalar(eps, mx.float32)]
+        inputs += [norm_weight] if variant.fused else [norm_weight, scalar(eps, mx.float32)]
     if variant.bias:
         inputs.append(bias)
     if variant.residual:
-        inputs.append(residual.reshape(-1))
+        inputs.append(residual if residual.ndim == 1 else residual.reshape(-1))
     half = head_dim // 2
+    cache_template = []
     if variant.rope:
-        index = position if isinstance(position, mx.array) else scalar(position, mx.int32)
-        inputs += [inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32), index]
+        inv_freq = inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32)
+        if variant.fused:
+            _, kv_heads, capacity, _ = k_cache.shape
+            inputs += [inv_freq, state, k_cache, v_cache]
+            cache_template = [("Q_ROWS", rope_rows - kv_heads * head_dim), ("KV_ROWS", kv_heads * head_dim),
+                              ("HEAD_DIM", head_dim), ("S", capacity)]
+        else:
+            index = position if isinstance(position, mx.array) else scalar(position, mx.int32)
+            inputs += [inv_freq, index]
     units = n_rows // variant.rows_per_unit
     rows, warps_n, warps_k = geometry(units, k, weight.bits)
     if variant.norm and k * dtype.size > MAX_STAGED_BYTES:
@@ -342,7 +381,7 @@ def launch(
         ("T", dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("K", k), ("UNITS", units),
         ("ROWS", rows), ("WARPS_N", warps_n), ("WARPS_K", warps_k), ("CHUNK", chunk(weight.bits)), ("HALF", max(half, 1)),
         ("ROPE_ROWS", rope_rows),
-    ]
+    ] + cache_template
     out = (units,) if variant.swiglu else (n_rows,)
     threads = WARPS * 32
     return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), out, dtype)

@@ -23,7 +23,7 @@ import math
 
 import mlx.core as mx
 
-from .source import KernelSource, scalar
+from .source import KernelSource, float_literal, scalar
 
 DIMS_PER_LANE = 8
 
@@ -115,6 +115,32 @@ BODY = """
 """
 
 SOURCE = KernelSource("foundry_decode_attention", ("q", "keys", "values", "valid", "softmax_scale"), ("out",), BODY)
+
+
+def fused_source(scale: float) -> KernelSource:
+    """The fused decode step's form: the query is the head of the fused QKV kernel's output (Q rows
+    come first), the valid length is the step's position + 1 read from its device-resident `state`,
+    and the scale is baked into the source (no 0-d inputs: MLX keeps those in managed memory)."""
+    literal = float_literal(scale)
+    body = BODY.replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)", literal)
+    name = "foundry_decode_attention_fused_s" + literal.replace(".", "p").replace("-", "m").replace("+", "").rstrip("f")
+    return KernelSource(name, ("q", "keys", "values", "state"), ("out",), body)
+
+
+def fused_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, heads: int) -> dict:
+    """Keyword arguments for `fused_source`'s kernel: attention of `heads` query heads over the
+    first state[0] + 1 positions of the (1, kv_heads, S, D) buffers."""
+    _, kv_heads, length, head_dim = keys.shape
+    warps = warps_for(length)
+    return dict(
+        inputs=[qkv, keys, values, state],
+        template=[("T", qkv.dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
+                  ("WARPS", warps)],
+        grid=(heads * warps * 32, 1, 1),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(heads * head_dim,)],
+        output_dtypes=[qkv.dtype],
+    )
 
 
 def launch_arguments(q: mx.array, keys: mx.array, values: mx.array, valid: mx.array, scale: float) -> dict:

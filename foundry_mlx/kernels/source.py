@@ -16,7 +16,8 @@ In both, template parameters are invisible to the header (helpers there take val
 arguments) and the launch grid is counted in threads, not groups. Portable names used by bodies:
 `thread_id`, `group_id`, `lane`, `warp` (prologue), `SIMD_SUM(v)`, `BARRIER()`, `SHARED`,
 `SCALAR(name)`, `SIMD_SHUFFLE_XOR(v, mask)`, `NEG_INFINITY`, `PRECISE_COS/SIN/EXP/RSQRT(v)`,
-`UINT` (32-bit unsigned index type).
+`UINT` (32-bit unsigned index type), `MUTABLE(T, input)` (an input pointer written in place: the
+fused decode step's KV cache and token history, see kernels/fused_step.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _PRELUDE = {
 #define PRECISE_EXP(v) metal::precise::exp(v)
 #define PRECISE_RSQRT(v) metal::precise::rsqrt(v)
 #define UINT uint
+#define MUTABLE(T, pointer) ((device T*)(pointer))
 """,
     "cuda": """
 __device__ __forceinline__ float foundry_warp_sum(float v) {
@@ -55,6 +57,7 @@ __device__ __forceinline__ float foundry_warp_sum(float v) {
 #define PRECISE_EXP(v) expf(v)
 #define PRECISE_RSQRT(v) rsqrtf(v)
 #define UINT unsigned int
+#define MUTABLE(T, pointer) (const_cast<T*>(pointer))
 """,
 }
 
@@ -103,6 +106,15 @@ class KernelSource:
             source=source,
             header=header,
         )
+
+
+def float_literal(value: float) -> str:
+    """A float32 constant as C++/MSL source text that round-trips exactly (`1e-06f`)."""
+    import numpy as np
+
+    text = repr(float(np.float32(value)))
+    text = text if ("e" in text or "." in text or "inf" in text or "nan" in text) else text + ".0"
+    return text + "f"
 
 
 _scalars: dict[tuple, object] = {}
