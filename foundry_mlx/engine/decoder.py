@@ -110,9 +110,11 @@ class FusedDecoder:
         return token
 
     def advance(self) -> mx.array:
-        """Queue the step that feeds the current token; return the token it samples (lazy)."""
-        for layer_cache in self.cache:
-            layer_cache.reserve(self.position + 1)
+        """Queue the step that feeds the current token; return the token it samples (lazy). The
+        caches must hold the position already (`stream_generate` reserves a whole turn up front)."""
+        if self.position >= self.cache[0].capacity:
+            for layer_cache in self.cache:
+                layer_cache.reserve(self.position + 1)
         keys = [c.keys for c in self.cache]
         values = [c.values for c in self.cache]
         outputs = self._step(self.state, self.params, self.recent, keys, values)
@@ -159,6 +161,7 @@ def graph_nodes(*outputs: mx.array) -> int:
 
 def step_nodes(model) -> int:
     """Graph nodes of one decode step as generation runs it (fused, or the model-file step)."""
+    mx.eval(model.parameters())  # weights made lazily (random models) are not part of the step
     cache = model.make_cache(64)
     prompt = mx.array([[1, 2, 3, 4]])
     for layer_cache in cache:

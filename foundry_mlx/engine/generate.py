@@ -187,11 +187,12 @@ class _ReferenceRunner:
 
 class _FusedRunner:
     """The fused step (kernels/fused_step.py): tokens and sampling stay on the device, so steps can
-    be queued several ahead of the token Python is handling (FOUNDRY_DECODE_AHEAD, default 2)."""
+    be queued several ahead of the token Python is handling (FOUNDRY_DECODE_AHEAD, default 8: on the
+    H200, 0.5B shape, 616 tok/s with one step ahead, 878 with four)."""
 
     def __init__(self, fused, session: Session, sampling: SamplingParams, ids, logits) -> None:
         self.fused = fused
-        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "2")))
+        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "8")))
         seed = sampling.seed if sampling.seed is not None else _fresh_seed()
         self.first = fused.start(session.cache, logits, sampling, list(ids), seed)
 

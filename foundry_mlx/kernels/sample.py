@@ -76,8 +76,11 @@ _BODY = """
   const int ring = state[4];
   const int seen = ring < RECENT ? ring : RECENT;
 
-  // 1. w = penalized logits / T, in `work` (float32).
-  for (int i = tid; i < V; i += THREADS) work[i] = static_cast<float>(logits[i]) * inv_t;
+  // 1. w = penalized logits / T, in `work` (float32). Greedy without a penalty reads the logits.
+  const bool direct = greedy && penalty == 1.0f;
+  if (!direct) {
+    for (int i = tid; i < V; i += THREADS) work[i] = static_cast<float>(logits[i]) * inv_t;
+  }
   BARRIER_DEVICE();
   if (penalty != 1.0f) {
     for (int r = tid; r < seen; r += THREADS) {
@@ -93,7 +96,7 @@ _BODY = """
   int best_id = 0x7fffffff;
   float total = 0.0f;
   for (int i = tid; i < V; i += THREADS) {
-    const float w = work[i];
+    const float w = direct ? static_cast<float>(logits[i]) : work[i];
     if (w > best) {
       if (!greedy) total = total * PRECISE_EXP(best - w) + 1.0f;
       best = w;
