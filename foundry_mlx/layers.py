@@ -105,6 +105,9 @@ class RoPE(nn.Module):
             raise ValueError(f"unsupported rope scaling {kind!r}")
         self._freqs = freqs
         self._inverse_frequencies = 1.0 / freqs
+        # Evaluated now: private attributes are not parameters, so a lazy one would be recomputed
+        # inside every compiled decode step that captures it (24 extra graph nodes at 0.5B).
+        mx.eval(self._freqs, self._inverse_frequencies)
 
     @property
     def inverse_frequencies(self) -> mx.array:
