@@ -129,7 +129,7 @@ def _command_compiler(command: list[str], origin: str) -> Compiler:
     path = shutil.which(command[0])
     if path is None:
         raise RuntimeError(f"{command[0]} (from {origin}) not found: set {origin} to an installed clang, or unset it.")
-    command = [path, *command[1:]]
+    command = [os.path.abspath(path), *command[1:]]
     environment = _zig_environment() if "zig" in Path(path).name or "ziglang" in command else {}
     return Compiler(tuple(command), f"{shlex.join(command)} ({_version_line(command, environment)})", environment)
 
