@@ -480,7 +480,7 @@ def test_simdgroup_matrix_multiply_and_fragment_layout() -> None:
 @pytest.fixture
 def fresh_compiler(monkeypatch):
     """build.compiler() found afresh under the test's environment, and again after it."""
-    for variable in ("FOUNDRY_CXX", "METAL_SIM_CXX"):
+    for variable in ("FOUNDRY_CXX", "METAL_SIM_CXX", "ZIG_GLOBAL_CACHE_DIR", "ZIG_LOCAL_CACHE_DIR"):
         monkeypatch.delenv(variable, raising=False)
     build.compiler.cache_clear()
     yield build.compiler
