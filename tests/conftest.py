@@ -9,6 +9,16 @@ import pytest
 from foundry_mlx import kernels, sources
 
 
+def pytest_report_header(config):
+    """Which C++ compiler the Metal kernel simulator's tests run with (they fail, never skip, without one)."""
+    from foundry_mlx.kernels.metal_sim import build
+
+    try:
+        return f"metal_sim compiler: {build.compiler().description}"
+    except RuntimeError as error:
+        return f"metal_sim compiler: none: {error}"
+
+
 def pytest_collection_modifyitems(config, items):
     if kernels.gpu_backend() is not None:
         return

@@ -1,7 +1,7 @@
 """Run ``mx.fast.metal_kernel`` kernels on the CPU, without a Mac.
 
 The exact source MLX 0.32 would compile (:func:`metal_signature`, a port of
-``write_signature``) is compiled as C++20 with clang++ against a small
+``write_signature``) is compiled as C++20 with clang against a small
 Metal-Shading-Language shim (``msl_shim.h``) and executed by a SIMT runtime:
 one OS thread per GPU thread of a threadgroup, real threadgroup barriers,
 SIMD-groups of 32 lanes whose ``simd_*`` functions exchange values between the
@@ -30,7 +30,9 @@ crashes the process (reads just past a buffer see 0xFF redzone bytes instead).
 bfloat16 crosses the numpy boundary as uint16 bit patterns tagged
 :class:`BFloat16Array` (see :func:`bfloat16_array`,
 :func:`bfloat16_to_float32`); ml_dtypes bfloat16 arrays are accepted as
-inputs. Needs ``clang++`` (``apt-get install clang``).
+inputs. Needs a C++20 clang: ``clang++`` on the PATH, else the ``ziglang``
+package's ``zig c++`` (in the test extra), or whatever ``FOUNDRY_CXX`` names;
+see :mod:`foundry_mlx.kernels.metal_sim.build`.
 """
 
 from foundry_mlx.kernels.metal_sim.build import MetalCompileError, MetalCompileWarning
