@@ -93,6 +93,35 @@ def compile_fused(args, scratch: Path) -> bool:
                            {"logits": dtype, "params": "float32", "state": "int32", "recent": "int32"},
                            [("next_state", "int32"), ("token_out", "int32"), ("work", "float32")],
                            [("T", dtype), ("V", 151936), ("THREADS", 1024), ("RECENT", 64)])
+    failed |= compile_layer(args, scratch)
+    return failed
+
+
+class _Linear:
+    def __init__(self, rows, columns, bits, bias=False):
+        self.out_features, self.in_features, self.bits, self.group_size = rows, columns, bits, 32
+        self._bias = bias
+
+    def __contains__(self, name):
+        return name == "bias" and self._bias
+
+
+def compile_layer(args, scratch: Path) -> bool:
+    """The one-launch layer kernel (kernels/fused_layer.py) at Qwen2.5-0.5B's shape, two bit mixes."""
+    from types import SimpleNamespace
+
+    from foundry_mlx.kernels import fused_layer
+
+    failed = False
+    for bits, down_bits in ((4, 4), (8, 4)):
+        attention = SimpleNamespace(qkv_proj=_Linear(1152, 896, bits, bias=True), o_proj=_Linear(896, 896, bits),
+                                    n_heads=14, n_kv_heads=2, rope=SimpleNamespace(dims=64), eps=1e-6, scale=0.125)
+        mlp = SimpleNamespace(gate_up_proj=_Linear(9728, 896, bits), down_proj=_Linear(896, 4864, down_bits), eps=1e-6)
+        source, names = fused_layer.layer_source(attention, mlp, 2304)
+        types = {n: "uint32" if n.endswith("_w") else "float16" for n in names}
+        types |= {"inv_freq": "float32", "state": "int32"}
+        failed |= _compile(args, scratch, f"layer kernel bits {bits}/{down_bits}", f"layer_{bits}_{down_bits}", source,
+                           types, [(n, "float16") for n in source.output_names], [("T", "float16")])
     return failed
 
 

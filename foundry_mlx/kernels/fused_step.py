@@ -23,10 +23,12 @@ tested on the CPU against the model file, and each GPU kernel against its own tw
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from ..layers import Linear
-from . import embed, qgemv, sample, sdpa
+from . import embed, fused_layer, qgemv, sample, sdpa
 
 QKV = qgemv.Variant(norm=True, bias=True, rope=True, fused=True)
 QKV_NO_BIAS = qgemv.Variant(norm=True, rope=True, fused=True)
@@ -61,9 +63,12 @@ def unsupported_reason(model) -> str | None:
 class GpuKernels:
     """The step's kernels for one GPU backend; each kernel object is built once per source."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, layer_kernel: bool | None = None) -> None:
         self.backend = backend
         self._built: dict[str, object] = {}
+        if layer_kernel is None:
+            layer_kernel = os.environ.get("FOUNDRY_LAYER_KERNEL", "1") != "0"
+        self.layer_kernel = layer_kernel
 
     def _kernel(self, source):
         kernel = self._built.get(source.name)
@@ -104,6 +109,13 @@ class GpuKernels:
 
     def head(self, h, norm_weight, eps, lm_head):
         return self._gemv(HEAD, eps, h, lm_head, norm_weight=norm_weight)
+
+    def layer(self, x, attention, mlp, state, keys, values):
+        """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels."""
+        if self.backend != "cuda" or not self.layer_kernel:
+            return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
+        source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values)
+        return self._kernel(source)(**arguments)[4], keys, values
 
     def sample(self, logits, params, state, recent):
         launch = sample.launch(logits, params, state, recent, self.backend)
@@ -163,6 +175,9 @@ class ReferenceKernels:
     def head(self, h, norm_weight, eps, lm_head):
         return lm_head.matmul(mx.fast.rms_norm(h.reshape(1, -1), norm_weight, eps)).reshape(-1)
 
+    def layer(self, x, attention, mlp, state, keys, values):
+        return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
+
     def sample(self, logits, params, state, recent):
         p = params.tolist()
         s = state.tolist()
@@ -183,11 +198,7 @@ def decode_step(kernels, model, state, params, recent, keys: list, values: list)
     x = kernels.embed(state, model.embed_tokens.table, dtype)
     keys, values = list(keys), list(values)
     for i, layer in enumerate(model.layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        qkv, keys[i], values[i] = kernels.qkv(x, attention, state, keys[i], values[i])
-        out = kernels.attention(qkv, attention, state, keys[i], values[i])
-        h = kernels.residual(out, attention.o_proj, x)
-        x = kernels.residual(kernels.swiglu(h, mlp), mlp.down_proj, h)
+        x, keys[i], values[i] = kernels.layer(x, layer.self_attn, layer.mlp, state, keys[i], values[i])
     logits = kernels.head(x, model.norm_weight, model.config.rms_norm_eps, model.lm_head)
     next_state, token, recent = kernels.sample(logits, params, state, recent)
     return next_state, token, keys, values, recent

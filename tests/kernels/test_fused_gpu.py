@@ -175,3 +175,26 @@ def test_fused_decoder_runs_reference_kernels_on_gpu_too(model):
         sequence += [decoder.advance().item() for _ in range(6)]
         tokens[name] = sequence
     assert tokens["gpu"][:3] == tokens["reference"][:3]
+
+
+def test_layer_kernel_equals_the_five_kernels(model):
+    """kernels/fused_layer.py: one launch per layer (grid-wide barriers) against the same layer as
+    five launches, with the K/V rows it writes into the cache."""
+    loaded, _ = model
+    gpu = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=True)
+    five = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=False)
+    prompt = list(range(900, 1233))
+    cache, _ = _prefilled(loaded, prompt, reserve=600)
+    state = sample.make_state(len(prompt), 77, 0, 1, 0)
+    x = five.embed(state, loaded.embed_tokens.table, mx.float16)
+    for index in (0, 5, 23):
+        layer = loaded.layers[index]
+        keys_a, values_a = mx.array(cache[index].keys) + 0, mx.array(cache[index].values) + 0
+        keys_b, values_b = mx.array(cache[index].keys) + 0, mx.array(cache[index].values) + 0
+        mx.eval(keys_a, values_a, keys_b, values_b)
+        ours, _, _ = gpu.layer(x, layer.self_attn, layer.mlp, state, keys_a, values_a)
+        theirs, _, _ = five.layer(x, layer.self_attn, layer.mlp, state, keys_b, values_b)
+        mx.eval(ours, theirs)
+        _close(ours, theirs, 2e-3)
+        _close(keys_a[..., len(prompt), :], keys_b[..., len(prompt), :], 1e-3)
+        _close(values_a[..., len(prompt), :], values_b[..., len(prompt), :], 1e-3)

@@ -1,0 +1,180 @@
+"""One launch per transformer layer on CUDA: the fused step's five kernels as phases of one
+kernel, separated by grid-wide barriers.
+
+Why: after the fused step (kernels/fused_step.py) a decode step is 5·layers + 3 graph nodes and
+MLX still spends several µs of host time on each; one kernel per layer makes it layers + 3 (27
+for the 0.5B model). The phases are the same kernel bodies (qgemv.body, sdpa.BODY), each run over
+"virtual threadgroups" (g = blockIdx.x, += gridDim.x) with its own template constants in a scope
+of its own, so the arithmetic is the one the 5-kernel step's GPU tests verified:
+
+    norm+QKV+bias+RoPE+KV write → | → attention → | → o_proj+residual → | → norm+gate/up+SwiGLU → | → down+residual
+
+The barrier (`foundry_grid_sync`) keeps its counter and generation in `__device__` globals of the
+kernel's own module (tiny MLX buffers live in managed memory, where a barrier costs ~500 µs; a
+device global costs ~1.5 µs, measured on the H200). It needs every block resident at once: the
+grid is `BLOCKS` (128) blocks of 256 threads with a few KB of shared memory, far below an
+H100/H200's 132 SMs × 2048 threads. Every spin is bounded (~1 s): a barrier that never completes
+lets the kernel finish with wrong values (the tests would see them) instead of hanging the GPU.
+CUDA only: Metal has no grid-wide barrier, so on Apple silicon the 5-kernel step runs.
+`FOUNDRY_LAYER_KERNEL=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import qgemv, sdpa
+from .source import KernelSource, float_literal
+
+BLOCKS = 128
+WARPS = qgemv.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
+
+_HEADER = """
+__device__ unsigned int foundry_sync_count = 0;
+__device__ unsigned int foundry_sync_generation = 0;
+__device__ __forceinline__ void foundry_grid_sync() {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int generation = atomicAdd(&foundry_sync_generation, 0u);
+    __threadfence();
+    if (atomicAdd(&foundry_sync_count, 1u) == gridDim.x - 1u) {
+      atomicExch(&foundry_sync_count, 0u);
+      __threadfence();
+      atomicAdd(&foundry_sync_generation, 1u);
+    } else {
+      unsigned int spins = 0;
+      while (atomicAdd(&foundry_sync_generation, 0u) == generation && ++spins < (1u << 22)) __nanosleep(256);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+"""
+
+
+def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, body: str, sync: bool = True) -> str:
+    """A phase: its template constants and input/output names bound in a scope of its own, its
+    body run for each virtual threadgroup this block owns, then a grid-wide barrier."""
+    lines = ["  {"]
+    lines += [f"    constexpr int {name} = {int(value)};" for name, value in constants.items()]
+    lines += [f"    {kind} {name} = {source};" for kind, name, source in pointers]
+    lines.append(f"    for (unsigned int virtual_group = blockIdx.x; virtual_group < {groups}u; virtual_group += gridDim.x) {{")
+    lines.append("      const unsigned int group_id = virtual_group;")
+    lines.append(body)
+    # Shared memory is reused by this block's next virtual threadgroup: let every warp finish first.
+    lines.append("      BARRIER();")
+    lines.append("    }")
+    lines.append("  }")
+    if sync:
+        lines.append("  foundry_grid_sync();")
+    return "\n".join(lines)
+
+
+def _gemv_constants(units: int, k: int, layer) -> tuple[dict, int]:
+    rows, warps_n, warps_k = qgemv.geometry(units, k, layer.bits)
+    constants = dict(BITS=layer.bits, GROUP=layer.group_size, K=k, UNITS=units, ROWS=rows, WARPS_N=warps_n,
+                     WARPS_K=warps_k, CHUNK=qgemv.chunk(layer.bits))
+    return constants, -(-units // (warps_n * rows))
+
+
+def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]]:
+    """The kernel of one layer shape (bits, widths, heads, cache capacity) and its input names."""
+    qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
+    heads, kv_heads, dims = attention.n_heads, attention.n_kv_heads, attention.rope.dims
+    hidden, ffn = o_proj.out_features, down.in_features
+    has_bias = "bias" in qkv
+    phases = []
+    # 1. RMSNorm + QKV + bias + RoPE, K/V rows written into the cache.
+    variant = qgemv.Variant(norm=True, bias=has_bias, rope=True, fused=True)
+    constants, groups = _gemv_constants(qkv.out_features // 2, hidden, qkv)
+    constants |= dict(HALF=dims // 2, ROPE_ROWS=(heads + kv_heads) * dims, Q_ROWS=heads * dims,
+                      KV_ROWS=kv_heads * dims, HEAD_DIM=dims, S=capacity)
+    pointers = [("const uint32_t*", "w", "qkv_w"), ("const T*", "scales", "qkv_scales"),
+                ("const T*", "biases", "qkv_biases"), ("const T*", "norm_weight", "input_norm"),
+                ("T*", "y", "qkv")]
+    if has_bias:
+        pointers.append(("const T*", "bias", "qkv_bias"))
+    phases.append(_scope(constants, pointers, groups,
+                         qgemv.body(variant, attention.eps)))
+    # 2. Attention of every query head over the first state[0] + 1 positions.
+    body = sdpa.BODY.replace("SCALAR(valid)", "(state[0] + 1)").replace(
+        "SCALAR(softmax_scale)", float_literal(attention.scale))
+    constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=capacity, WARPS=WARPS)
+    pointers = [("const T*", "q", "qkv"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
+                ("T*", "out", "attended")]
+    phases.append(_scope(constants, pointers, heads, body))
+    # 3. o_proj + residual (the layer's input).
+    constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
+    # `residual` first: it names the layer's input before `x` is rebound to the attention output.
+    pointers = [("const T*", "residual", "x"), ("const T*", "x", "attended"), ("const uint32_t*", "w", "o_w"),
+                ("const T*", "scales", "o_scales"), ("const T*", "biases", "o_biases"), ("T*", "y", "h")]
+    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True))))
+    # 4. RMSNorm + gate/up + SwiGLU.
+    constants, groups = _gemv_constants(ffn, hidden, gate_up)
+    pointers = [("const T*", "x", "h"), ("const uint32_t*", "w", "gate_up_w"), ("const T*", "scales", "gate_up_scales"),
+                ("const T*", "biases", "gate_up_biases"), ("const T*", "norm_weight", "post_norm"),
+                ("T*", "y", "activated")]
+    phases.append(_scope(constants, pointers, groups,
+                         qgemv.body(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps)))
+    # 5. down + residual: the layer's output.
+    constants, groups = _gemv_constants(hidden, ffn, down)
+    pointers = [("const T*", "x", "activated"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
+                ("const T*", "biases", "down_biases"), ("const T*", "residual", "h"), ("T*", "y", "x_out")]
+    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), sync=False))
+    inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
+    inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
+               "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases"]
+    shape = "_".join(str(v) for v in (qkv.bits, o_proj.bits, gate_up.bits, down.bits, hidden, ffn, heads, kv_heads,
+                                      dims, capacity, int(has_bias)))
+    tag = (float_literal(attention.eps) + float_literal(mlp.eps) + float_literal(attention.scale)).replace(".", "p")
+    tag = tag.replace("-", "m").replace("+", "")
+    name = f"foundry_layer_{shape}_{tag}"
+    outputs = ("qkv", "attended", "h", "activated", "x_out")
+    return KernelSource(name, tuple(inputs), outputs, "\n".join(phases), qgemv._HEADER["cuda"] + _HEADER), inputs
+
+
+def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSource, dict]:
+    """The layer kernel and the keyword arguments of its call: (source, kwargs)."""
+    qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
+    source, names = layer_source(attention, mlp, keys.shape[2])
+    rope = attention.rope
+    arrays = {
+        "x": x, "qkv_w": qkv.weight, "qkv_scales": qkv.scales, "qkv_biases": qkv.biases,
+        "input_norm": attention.norm_weight, "inv_freq": rope.inverse_frequencies, "state": state,
+        "k_cache": keys, "v_cache": values, "o_w": o_proj.weight, "o_scales": o_proj.scales,
+        "o_biases": o_proj.biases, "post_norm": mlp.norm_weight, "gate_up_w": gate_up.weight,
+        "gate_up_scales": gate_up.scales, "gate_up_biases": gate_up.biases, "down_w": down.weight,
+        "down_scales": down.scales, "down_biases": down.biases,
+    }
+    if "qkv_bias" in names:
+        arrays["qkv_bias"] = qkv.bias
+    heads, dims = attention.n_heads, rope.dims
+    hidden = o_proj.out_features
+    threads = WARPS * 32
+    kwargs = dict(
+        inputs=[arrays[n] for n in names],
+        template=[("T", x.dtype)],
+        grid=(BLOCKS * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(qkv.out_features,), (heads * dims,), (hidden,), (down.in_features,), (hidden,)],
+        output_dtypes=[x.dtype] * 5,
+    )
+    return source, kwargs
+
+
+def supported(model) -> bool:
+    """Whether every layer fits the kernel: quantized projections (checked by fused_step), x staged
+    in shared memory for both norms, a head dimension the attention body takes."""
+    hidden = model.layers[0].self_attn.o_proj.out_features
+    return hidden * 4 <= qgemv.MAX_STAGED_BYTES and sdpa.supported(model.layers[0].self_attn.rope.dims)
+
+
+def reference_layer(kernels, x, attention, mlp, state, keys, values):
+    """The same layer as the fused step's five calls (any kernel set)."""
+    qkv, keys, values = kernels.qkv(x, attention, state, keys, values)
+    out = kernels.attention(qkv, attention, state, keys, values)
+    h = kernels.residual(out, attention.o_proj, x)
+    return kernels.residual(kernels.swiglu(h, mlp), mlp.down_proj, h), keys, values
+
+
+__all__ = ["BLOCKS", "launch_arguments", "layer_source", "reference_layer", "supported", "mx"]
