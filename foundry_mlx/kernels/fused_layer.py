@@ -16,7 +16,16 @@ grid is `BLOCKS` (128) blocks of 256 threads with a few KB of shared memory, far
 H100/H200's 132 SMs × 2048 threads. Every spin is bounded (~1 s): a barrier that never completes
 lets the kernel finish with wrong values (the tests would see them) instead of hanging the GPU.
 CUDA only: Metal has no grid-wide barrier, so on Apple silicon the 5-kernel step runs.
-`FOUNDRY_LAYER_KERNEL=0` turns it off.
+
+Opt-in (`FOUNDRY_LAYER_KERNEL=1`), because of what it measured on the H200 (commit ac92069,
+`benchmarks/results/h200-layer-kernel-*`), decode tok/s at depth 0 / 2048 against the 5-kernel
+step's (3d34138): 0.5B 4-bit 928 / 391 vs 1,009 / 942; Q4_K_M mix 1,026 / 407 vs 807 / 906. The
+step is 27 graph nodes instead of 123, which pays at short contexts for the mixed-width model; at
+depth 2048 the attention phase is the bottleneck: one block of 8 warps per query head (14 blocks
+busy out of 128) where the separate attention kernel gets up to 32 warps per head. Next: split
+the attention phase over positions (blocks × splits, merged in the o_proj phase). Its GPU test
+(tests/kernels/test_fused_gpu.py::test_layer_kernel_equals_the_five_kernels) has not yet
+completed on a GPU: the one run ran out of its time limit while MLX compiled the model's kernels.
 """
 
 from __future__ import annotations

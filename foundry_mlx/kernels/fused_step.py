@@ -66,8 +66,8 @@ class GpuKernels:
     def __init__(self, backend: str, layer_kernel: bool | None = None) -> None:
         self.backend = backend
         self._built: dict[str, object] = {}
-        if layer_kernel is None:
-            layer_kernel = os.environ.get("FOUNDRY_LAYER_KERNEL", "1") != "0"
+        if layer_kernel is None:  # off by default: slower at long contexts (see kernels/fused_layer.py)
+            layer_kernel = os.environ.get("FOUNDRY_LAYER_KERNEL", "0") == "1"
         self.layer_kernel = layer_kernel
 
     def _kernel(self, source):
