@@ -100,7 +100,9 @@ def _load(options: dict):
         kernels.set_mode(options["kernels"])
     sampling = _sampling(options) if "temperature" in options else SamplingParams()
     sampling.validate()  # before a long load, not after
-    model, tokenizer = load(options["model"], dtype=options["dtype"], exact=options["exact"])
+    model, tokenizer = load(
+        options["model"], dtype=options["dtype"], exact=options["exact"], chat_template=options.get("chat_template")
+    )
     kernels.active()  # fail now if --kernels custom cannot be honoured
     return model, tokenizer, sampling
 
@@ -134,6 +136,13 @@ def main() -> None:
 @click.option("--prompt", "-p", "prompts", multiple=True, help="A user turn; repeat for several turns. Without it: interactive.")
 @click.option("--system", "-s", default=None, help="System message.")
 @click.option("--no-stats", is_flag=True, help="Do not print the statistics line after each reply.")
+@click.option(
+    "--chat-template",
+    default=None,
+    metavar="NAME|FILE",
+    help="Chat template instead of the model's own: a built-in (chatml, gemma) or a Jinja file. "
+    "A model without one gets the built-in that fits its vocabulary, with a notice.",
+)
 @user_errors
 def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options) -> None:
     """Chat with a model: interactive (type /reset to start over, /quit or Ctrl-D to leave),
@@ -141,6 +150,15 @@ def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options
     from .engine.chat import Chat
 
     model, tokenizer, sampling = _load(options)
+    if tokenizer.chat_template is None:
+        fallback = tokenizer.suggested_chat_template()
+        tokenizer.set_chat_template(fallback)
+        name = getattr(model.config, "name", "") or options["model"]
+        click.echo(
+            f"note: {name} has no chat template; using the built-in '{fallback}' template "
+            "(choose another with --chat-template).",
+            err=True,
+        )
     conversation = Chat(model, tokenizer, system=system)
 
     def turn(text: str) -> None:
