@@ -12,13 +12,13 @@ from tokenizers import decoders, processors
 
 from ..errors import FoundryError, ModelFormatError
 from .chat_template import ChatTemplate
-from .named_templates import named_template, suggested_template
 from .gguf_vocab import (
     END_OF_TURN_NAMES,
     UNICODE_TO_BYTE,
     build_from_gguf,
     special_ids_to_skip,
 )
+from .named_templates import named_template, suggested_template
 from .streaming import StreamingDetokenizer
 
 
