@@ -1,0 +1,121 @@
+"""Gemma 3 on a tiny generated GGUF (tests/tiny_models.py `gemma3_spec`: 6 layers, layer 5 global,
+a sliding window of 8) against transformers on the same file (scripts/make_tiny_gemma3_reference.py):
+sequences five times the window, so the local layers' ring buffers wrap again and again, through
+every path that fills them (one prefill, token-by-token decode, a follow-up prefill at an offset);
+and the memory those caches hold in a chat far longer than the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny_models import gemma3_spec, write_tiny_model
+
+from foundry_mlx import load
+from foundry_mlx.engine.chat import Chat
+from foundry_mlx.engine.decoder import decoder_for
+from foundry_mlx.engine.rotating_cache import RotatingKVCache
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_gemma3_tiny.json").read_text())
+SEQUENCE = REFERENCE["sequence"]
+LOGITS = np.array(REFERENCE["logits"], dtype=np.float32)
+# Same dequantized weights on both sides: float32 summation order only (measured ≤ 2e-5).
+BOUND = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    tiny = write_tiny_model(tmp_path_factory.mktemp("gemma3") / "tiny-gemma3.gguf", gemma3_spec())
+    assert hashlib.sha256(tiny.path.read_bytes()).hexdigest() == REFERENCE["gguf_sha256"], "regenerate the reference"
+    model, tokenizer = load(str(tiny.path), progress=False, dtype="float32")
+    return tiny, model, tokenizer
+
+
+def test_layer_kinds_and_config(tiny_gemma):
+    tiny, model, _ = tiny_gemma
+    assert [layer.is_global for layer in model.layers] == [t == "full_attention" for t in REFERENCE["config"]["layer_types"]]
+    assert model.config.extra["sliding_window"] == REFERENCE["config"]["sliding_window"] == tiny.spec.sliding_window
+    assert model.config.extra["query_pre_attn_scalar"] == REFERENCE["config"]["query_pre_attn_scalar"]
+
+
+def test_one_prefill_matches_reference(tiny_gemma):
+    _, model, _ = tiny_gemma
+    ours = np.array(model(mx.array([SEQUENCE])))[0]
+    assert np.abs(ours - LOGITS).max() < BOUND
+
+
+def test_decode_token_by_token_matches_reference(tiny_gemma):
+    _, model, _ = tiny_gemma
+    cache = model.make_cache()
+    first = np.array(model(mx.array([SEQUENCE[:6]]), cache, last_only=True))[0, -1]
+    differences = [np.abs(first - LOGITS[5]).max()]
+    decode = decoder_for(model)
+    for position in range(6, len(SEQUENCE)):
+        logits = np.array(decode(mx.array([SEQUENCE[position]]), cache))[0]
+        differences.append(np.abs(logits - LOGITS[position]).max())
+    assert max(differences) < BOUND, differences
+    assert cache[0].offset == len(SEQUENCE) and cache[0].keys.shape[2] == 8
+
+
+@pytest.mark.parametrize("cut", [3, 8, 15, 17])
+def test_follow_up_prefill_at_an_offset_matches_reference(tiny_gemma, cut):
+    _, model, _ = tiny_gemma
+    cache = model.make_cache()
+    model(mx.array([SEQUENCE[:cut]]), cache)
+    ours = np.array(model(mx.array([SEQUENCE[cut:]]), cache))[0]
+    assert np.abs(ours - LOGITS[cut:]).max() < BOUND
+
+
+def test_greedy_continuation_matches_reference(tiny_gemma):
+    from foundry_mlx import stream_generate
+
+    _, model, tokenizer = tiny_gemma
+    ours = [
+        r.token
+        for r in stream_generate(
+            model, tokenizer, REFERENCE["prompt"], max_tokens=len(REFERENCE["greedy_ids"]), ignore_eos=True
+        )
+    ]
+    index = next((i for i, (a, b) in enumerate(zip(ours, REFERENCE["greedy_ids"])) if a != b), None)
+    assert index is None or REFERENCE["margins"][index] < 2 * BOUND
+
+
+def test_local_layers_keep_the_window_in_a_long_chat(tiny_gemma):
+    """A chat ~25 times longer than the window: each local layer's cache stays at exactly the
+    window's bytes, measured after every turn; the global layer's grows with the conversation."""
+    tiny, model, tokenizer = tiny_gemma
+    spec = tiny.spec
+    window_bytes = spec.sliding_window * spec.kv_heads * spec.head_dim * 2 * 4  # K and V, float32
+    chat = Chat(model, tokenizer)
+    local_sizes, global_sizes, lengths = [], [], []
+    for turn in range(6):
+        for _ in chat.send(f"turn {turn}: the answer is {turn * 7}", max_tokens=24):
+            pass
+        caches = chat.session.cache
+        local_sizes.append({c.nbytes for c in caches if isinstance(c, RotatingKVCache)})
+        global_sizes.append(sum(c.nbytes for c in caches if not isinstance(c, RotatingKVCache)))
+        lengths.append(caches[0].offset)
+    assert lengths[-1] > 20 * spec.sliding_window
+    assert local_sizes == [{window_bytes}] * 6
+    assert global_sizes[-1] > global_sizes[0] > 0
+
+
+def test_a_diverging_turn_after_the_ring_wrapped_recomputes(tiny_gemma):
+    """Session.reuse cannot cut a wrapped ring back: it prefills from 0, and the logits are the
+    reference's."""
+    from foundry_mlx.engine.generate import Session, _prefill
+
+    _, model, _ = tiny_gemma
+    session = Session(model)
+    _prefill(model, session, SEQUENCE[:30])
+    altered = SEQUENCE[:20] + [(SEQUENCE[20] + 1) % 256] + SEQUENCE[21:25]
+    assert session.reuse(altered) == 0
+    logits = np.array(_prefill(model, session, altered))[0]
+    fresh = np.array(model(mx.array([altered]), last_only=True))[0, -1]
+    assert np.abs(logits - fresh).max() < BOUND
+    assert session.reuse(SEQUENCE[:5]) == 0  # the ring wrapped: nothing reusable
