@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -119,3 +120,20 @@ def test_a_diverging_turn_after_the_ring_wrapped_recomputes(tiny_gemma):
     fresh = np.array(model(mx.array([altered]), last_only=True))[0, -1]
     assert np.abs(logits - fresh).max() < BOUND
     assert session.reuse(SEQUENCE[:5]) == 0  # the ring wrapped: nothing reusable
+
+
+def test_info_lists_the_path_of_each_operation(tiny_gemma):
+    from foundry_mlx.decode_paths import decode_paths
+    from foundry_mlx.describe import describe
+
+    tiny, model, _ = tiny_gemma
+    text = describe(str(tiny.path))
+    assert "sliding window 8" in text and "every 6th layer global" in text
+    assert re.search(r"GeGLU.*reference \(the GEMV's activation epilogue is SwiGLU only\)", text)
+    assert re.search(r"decode step\s+eager", text)
+    on_gpu = dict((op, path) for op, path, _ in decode_paths(model.config, "cuda"))
+    assert on_gpu["RMSNorm + Q/K/V projection"] == on_gpu["down"] == "custom GEMV kernel"
+    assert on_gpu["attention (local ring, global)"] == "custom decode-attention kernel"
+    assert on_gpu["Q/K RMSNorm + RoPE"] == "reference"
+    on_cpu = {path for _, path, _ in decode_paths(model.config, "reference")}
+    assert on_cpu == {"reference", "eager"}
