@@ -137,3 +137,36 @@ def test_info_lists_the_path_of_each_operation(tiny_gemma):
     assert on_gpu["Q/K RMSNorm + RoPE"] == "reference"
     on_cpu = {path for _, path, _ in decode_paths(model.config, "reference")}
     assert on_cpu == {"reference", "eager"}
+
+
+MLX_LM_EMBED_SCALE = "mlx-lm rounds √hidden to bfloat16 before scaling the embeddings"
+
+
+def test_mlx_lm_loads_the_converted_tiny_gemma(tiny_gemma, tmp_path):
+    """`convert` writes an mlx-lm `gemma3_text` directory (HF norm weights, per-layer bits, tied head):
+    mlx-lm's logits equal ours once our embedding factor is rounded as mlx-lm rounds it (bfloat16),
+    and differ by little with the exact factor that transformers and llama.cpp use."""
+    import json as json_module
+
+    import mlx_lm
+
+    from foundry_mlx.formats import mlx_dir
+
+    _, model, tokenizer = tiny_gemma
+    out = mlx_dir.save_directory(model, tokenizer, tmp_path / "gemma-mlx", progress=False)
+    config = json_module.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["sliding_window"] == 8
+    lm_model, _ = mlx_lm.load(str(out))
+    ids = mx.array([SEQUENCE])
+    theirs = np.array(lm_model(ids))[0]
+    exact = np.array(model(ids))[0]
+    rounded = float(mx.array(model.embed_scale, dtype=mx.bfloat16).astype(mx.float32).item())
+    original, model.embed_scale = model.embed_scale, rounded
+    try:
+        same_factor = np.array(model(ids))[0]
+    finally:
+        model.embed_scale = original
+    assert np.abs(same_factor - theirs).max() < BOUND
+    assert 0 < np.abs(exact - theirs).max() < 0.5, MLX_LM_EMBED_SCALE
+    reloaded, _ = load(str(out), progress=False)  # and foundry-mlx reads its own output back
+    assert np.abs(np.array(reloaded(ids))[0] - exact).max() < 1e-6
