@@ -245,8 +245,12 @@ def info(model: str) -> None:
 )
 @click.option("--exact", is_flag=True, help="Write Q6_K (and other near types) dense instead of 8-bit.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option(
+    "--chat-template", default=None, metavar="NAME|FILE",
+    help="Write this chat template (chatml, gemma, or a Jinja file) instead of the model's own.",
+)
 @user_errors
-def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: bool) -> None:
+def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: bool, chat_template: str | None) -> None:
     """Write MODEL as an MLX model directory that mlx-lm loads (`mlx_lm.load(OUT_DIR)`), with the
     weights exactly as foundry-mlx holds them: GGUF blocks become MLX affine-quantized matrices.
 
@@ -261,7 +265,7 @@ def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: boo
     target = Path(out_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
         raise FoundryError(f"{target} exists and is not empty; choose another directory or pass --force.")
-    loaded, tokenizer = load(model, dtype=dtype, exact=exact)
+    loaded, tokenizer = load(model, dtype=dtype, exact=exact, chat_template=chat_template)
     save_directory(loaded, tokenizer, target, force=force)
     click.echo(f"wrote {target}", err=True)
 

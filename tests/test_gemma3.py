@@ -170,3 +170,16 @@ def test_mlx_lm_loads_the_converted_tiny_gemma(tiny_gemma, tmp_path):
     assert 0 < np.abs(exact - theirs).max() < 0.5, MLX_LM_EMBED_SCALE
     reloaded, _ = load(str(out), progress=False)  # and foundry-mlx reads its own output back
     assert np.abs(np.array(reloaded(ids))[0] - exact).max() < 1e-6
+
+
+def test_convert_can_write_a_named_template(tiny_gemma, tmp_path):
+    from click.testing import CliRunner
+
+    from foundry_mlx.cli import main
+    from foundry_mlx.tokenizer import Tokenizer
+
+    tiny, _, _ = tiny_gemma
+    result = CliRunner().invoke(main, ["convert", str(tiny.path), str(tmp_path / "out"), "--chat-template", "gemma"])
+    assert result.exit_code == 0, result.output
+    saved = Tokenizer.from_directory(tmp_path / "out")
+    assert saved.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<start_of_turn>model\n")
