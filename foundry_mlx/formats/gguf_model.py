@@ -126,20 +126,21 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
         name=str(meta.get("general.name", gguf.path.stem)),
-        extra=_gemma3_extra(gguf, get, head_dim) if arch == "gemma3" else {},
+        extra=_gemma3_extra(gguf, get, head_dim, hidden // heads) if arch == "gemma3" else {},
     )
 
 
-def _gemma3_extra(gguf: GGUFFile, get: Any, head_dim: int) -> dict[str, Any]:
+def _gemma3_extra(gguf: GGUFFile, get: Any, head_dim: int, hidden_per_head: int) -> dict[str, Any]:
     """Gemma 3's own hyper-parameters, under mlx-lm's `gemma3_text` names. The GGUF stores the
     window; the pattern, the local RoPE base and the attention scale are llama.cpp's constants
-    (the scale is 1/sqrt(head_dim), which transformers' default query_pre_attn_scalar=256 also
-    gives for every Gemma 3 but the 27B)."""
+    (llama-model.cpp: scale 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 62-layer 27B;
+    the same values as the Hugging Face configs' query_pre_attn_scalar: 256, and 168 for 27B)."""
+    layers = int(get("block_count"))
     extra: dict[str, Any] = {
         "sliding_window": int(get("attention.sliding_window")),
         "sliding_window_pattern": GEMMA3_SLIDING_WINDOW_PATTERN,
         "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
-        "query_pre_attn_scalar": head_dim,
+        "query_pre_attn_scalar": hidden_per_head if layers == 62 else head_dim,
     }
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         value = gguf.metadata.get(f"gemma3.{key}")
