@@ -183,3 +183,17 @@ def test_convert_can_write_a_named_template(tiny_gemma, tmp_path):
     assert result.exit_code == 0, result.output
     saved = Tokenizer.from_directory(tmp_path / "out")
     assert saved.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<start_of_turn>model\n")
+
+
+def test_float16_residual_stream_is_clipped_not_inf(tiny_gemma):
+    """The GPU default dtype: a residual stream past float16's range is clipped (as mlx-lm does),
+    so the logits stay finite; at ordinary scale float16 tracks float32."""
+    from foundry_mlx.models.gemma3 import _residual
+
+    big = mx.array([60000.0, -60000.0, 1.0], dtype=mx.float16)
+    assert np.isfinite(np.array(_residual(big, big).astype(mx.float32))).all()
+    assert np.array(_residual(big, big).astype(mx.float32)).tolist()[:2] == [65504.0, -65504.0]
+    tiny, _, _ = tiny_gemma
+    half, _ = load(str(tiny.path), progress=False, dtype="float16")
+    logits = np.array(half(mx.array([SEQUENCE[:12]])).astype(mx.float32))[0]
+    assert np.isfinite(logits).all() and np.abs(logits - LOGITS[:12]).max() < 0.1 * np.abs(LOGITS[:12]).max()

@@ -127,8 +127,17 @@ class TransformerBlock(nn.Module):
         self.post_feedforward_norm = _norm_weight(weights[f"{prefix}.post_feedforward_layernorm.weight"])
 
     def __call__(self, x: mx.array, mask: str | mx.array | None, cache) -> mx.array:
-        h = x + mx.fast.rms_norm(self.self_attn(x, mask, cache), self.post_attention_norm, self.eps)
-        return h + mx.fast.rms_norm(self.mlp(h), self.post_feedforward_norm, self.eps)
+        h = _residual(x, mx.fast.rms_norm(self.self_attn(x, mask, cache), self.post_attention_norm, self.eps))
+        return _residual(h, mx.fast.rms_norm(self.mlp(h), self.post_feedforward_norm, self.eps))
+
+
+def _residual(x: mx.array, y: mx.array) -> mx.array:
+    """x + y; in float16 (the GPU default) added in float32 and clipped to float16's range, as
+    mlx-lm does: Gemma's residual stream can exceed 65504 and would become inf."""
+    if x.dtype != mx.float16:
+        return x + y
+    bound = mx.finfo(mx.float16).max
+    return mx.clip(x.astype(mx.float32) + y.astype(mx.float32), -bound, bound).astype(mx.float16)
 
 
 class Model(nn.Module):
