@@ -197,3 +197,54 @@ def test_float16_residual_stream_is_clipped_not_inf(tiny_gemma):
     half, _ = load(str(tiny.path), progress=False, dtype="float16")
     logits = np.array(half(mx.array([SEQUENCE[:12]])).astype(mx.float32))[0]
     assert np.isfinite(logits).all() and np.abs(logits - LOGITS[:12]).max() < 0.1 * np.abs(LOGITS[:12]).max()
+
+
+class _TwinKernels:
+    """Stands in for a GPU kernel set on the CPU: the same calls `ops` makes to the custom kernels,
+    answered by the kernels' reference twins. It proves the plumbing a GPU decode step of Gemma
+    relies on: which ops take the kernel path, the fused norms, and decode attention reading the
+    ring buffer through `valid_length`."""
+
+    backend = "twin"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def linear(self, x, layer, residual=None, norm_weight=None, eps=None, swiglu=False):
+        from foundry_mlx.kernels import qgemv
+
+        variant = qgemv.Variant(norm=norm_weight is not None, residual=residual is not None, swiglu=swiglu)
+        self.calls.append(variant.name)
+        return qgemv.reference(variant, x, layer.quantized, norm_weight=norm_weight, eps=eps,
+                               residual=residual).reshape(1, 1, -1)
+
+    @staticmethod
+    def supports_attention(head_dim: int) -> bool:
+        from foundry_mlx.kernels import sdpa
+
+        return sdpa.supported(head_dim)
+
+    def decode_attention(self, q, keys, values, valid, scale):
+        from foundry_mlx.kernels import sdpa
+
+        self.calls.append(f"attention over {int(valid)} of {keys.shape[2]}")
+        return sdpa.reference(q, keys, values, int(valid), scale).reshape(1, 1, -1)
+
+
+def test_decode_through_the_kernel_path_matches_reference(tiny_gemma, monkeypatch):
+    from foundry_mlx import kernels
+
+    _, model, _ = tiny_gemma
+    twin = _TwinKernels()
+    monkeypatch.setattr(kernels, "active", lambda: twin)
+    cache = model.make_cache()
+    model(mx.array([SEQUENCE[:6]]), cache)  # prefill stays on MLX's own paths
+    assert twin.calls == []
+    decode = decoder_for(model)
+    for position in range(6, 30):
+        logits = np.array(decode(mx.array([SEQUENCE[position]]), cache))[0]
+        assert np.abs(logits - LOGITS[position]).max() < BOUND, position
+    per_step = len(twin.calls) // 24
+    assert per_step == 6 * 5 + 1  # per layer: qkv (norm), attention, o_proj, gate/up (norm), down; lm_head
+    assert "attention over 8 of 8" in twin.calls and "attention over 30 of 256" in twin.calls
+    assert {"foundry_qgemv_norm", "foundry_qgemv"} == {c for c in twin.calls if c.startswith("foundry")}
