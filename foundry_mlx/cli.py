@@ -100,7 +100,9 @@ def _load(options: dict):
         kernels.set_mode(options["kernels"])
     sampling = _sampling(options) if "temperature" in options else SamplingParams()
     sampling.validate()  # before a long load, not after
-    model, tokenizer = load(options["model"], dtype=options["dtype"], exact=options["exact"])
+    model, tokenizer = load(
+        options["model"], dtype=options["dtype"], exact=options["exact"], chat_template=options.get("chat_template")
+    )
     kernels.active()  # fail now if --kernels custom cannot be honoured
     return model, tokenizer, sampling
 
@@ -134,6 +136,13 @@ def main() -> None:
 @click.option("--prompt", "-p", "prompts", multiple=True, help="A user turn; repeat for several turns. Without it: interactive.")
 @click.option("--system", "-s", default=None, help="System message.")
 @click.option("--no-stats", is_flag=True, help="Do not print the statistics line after each reply.")
+@click.option(
+    "--chat-template",
+    default=None,
+    metavar="NAME|FILE",
+    help="Chat template instead of the model's own: a built-in (chatml, gemma) or a Jinja file. "
+    "A model without one gets the built-in that fits its vocabulary, with a notice.",
+)
 @user_errors
 def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options) -> None:
     """Chat with a model: interactive (type /reset to start over, /quit or Ctrl-D to leave),
@@ -141,6 +150,15 @@ def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options
     from .engine.chat import Chat
 
     model, tokenizer, sampling = _load(options)
+    if tokenizer.chat_template is None:
+        fallback = tokenizer.suggested_chat_template()
+        tokenizer.set_chat_template(fallback)
+        name = getattr(model.config, "name", "") or options["model"]
+        click.echo(
+            f"note: {name} has no chat template; using the built-in '{fallback}' template "
+            "(choose another with --chat-template).",
+            err=True,
+        )
     conversation = Chat(model, tokenizer, system=system)
 
     def turn(text: str) -> None:
@@ -227,8 +245,12 @@ def info(model: str) -> None:
 )
 @click.option("--exact", is_flag=True, help="Write Q6_K (and other near types) dense instead of 8-bit.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@click.option(
+    "--chat-template", default=None, metavar="NAME|FILE",
+    help="Write this chat template (chatml, gemma, or a Jinja file) instead of the model's own.",
+)
 @user_errors
-def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: bool) -> None:
+def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: bool, chat_template: str | None) -> None:
     """Write MODEL as an MLX model directory that mlx-lm loads (`mlx_lm.load(OUT_DIR)`), with the
     weights exactly as foundry-mlx holds them: GGUF blocks become MLX affine-quantized matrices.
 
@@ -243,7 +265,7 @@ def convert(model: str, out_dir: str, dtype: str | None, exact: bool, force: boo
     target = Path(out_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
         raise FoundryError(f"{target} exists and is not empty; choose another directory or pass --force.")
-    loaded, tokenizer = load(model, dtype=dtype, exact=exact)
+    loaded, tokenizer = load(model, dtype=dtype, exact=exact, chat_template=chat_template)
     save_directory(loaded, tokenizer, target, force=force)
     click.echo(f"wrote {target}", err=True)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from . import quant, sources
+from . import kernels, quant, sources
+from .decode_paths import decode_paths
 from .errors import ModelFormatError
 from .formats.gguf import GGUFFile
 from .formats.gguf_model import read_config
@@ -31,9 +32,10 @@ def describe(name: str) -> str:
         f"vocabulary      {config.vocab_size}",
         f"context length  {config.max_position_embeddings}",
         f"rope            theta {config.rope_theta:g}, scaling {config.rope_scaling['rope_type'] if config.rope_scaling else 'none'}",
+        *_family_lines(config),
         f"output head     {'tied to the embedding' if config.tie_word_embeddings else 'separate'}",
         f"tokenizer       {meta.get('tokenizer.ggml.model', '?')} (pre-tokenizer {meta.get('tokenizer.ggml.pre', '?')})",
-        f"chat template   {'present' if meta.get('tokenizer.chat_template') else 'absent (use generate, not chat)'}",
+        f"chat template   {'present' if meta.get('tokenizer.chat_template') else _no_template(meta)}",
         "tensor types    " + ", ".join(f"{t} ×{n}" for t, n in types.most_common()),
     ]
     for type_name in sorted(types):
@@ -41,4 +43,35 @@ def describe(name: str) -> str:
         form = rule.note if rule else "dequantized, re-quantized to 8-bit g32 (warned)"
         exact = "exact" if rule is not None and rule.exact else "near"
         lines.append(f"  {type_name:6s} → {form} ({exact})")
+    backend = _backend()
+    lines.append(f"decode path     on {backend}, per operation:")
+    for operation, path, reason in decode_paths(config, backend):
+        lines.append(f"  {operation:44s} {path} ({reason})")
     return "\n".join(lines)
+
+
+def _backend() -> str:
+    try:
+        return kernels.backend_name()
+    except Exception:  # noqa: BLE001  (`--kernels custom` without a GPU: say what auto would do)
+        return kernels.gpu_backend() or "reference"
+
+
+def _no_template(meta: dict) -> str:
+    from .tokenizer.named_templates import suggested_template
+
+    vocabulary = set(meta.get("tokenizer.ggml.tokens") or ())
+    name = suggested_template(vocabulary.__contains__)
+    return f"absent (generate needs none; chat uses the built-in '{name}', or --chat-template NAME|FILE)"
+
+
+def _family_lines(config) -> list[str]:
+    extra = config.extra
+    if config.model_type != "gemma3":
+        return []
+    pattern = extra["sliding_window_pattern"]
+    return [
+        f"attention       sliding window {extra['sliding_window']} (local RoPE theta {extra['rope_local_base_freq']:g}), "
+        f"every {pattern}th layer global; scale query_pre_attn_scalar^-1/2 = {extra['query_pre_attn_scalar']}^-1/2",
+        f"soft-capping    {extra.get('final_logit_softcapping') or 'none'} (final logits)",
+    ]

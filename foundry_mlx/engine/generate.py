@@ -65,6 +65,8 @@ class Session:
                 break
             shared += 1
         shared = min(shared, len(ids) - 1)
+        for layer_cache in self.cache:  # a sliding-window cache may no longer hold a shorter prefix
+            shared = min(shared, getattr(layer_cache, "reusable_prefix", lambda n: n)(shared))
         for layer_cache in self.cache:
             layer_cache.trim(shared)
         del self.tokens[shared:]

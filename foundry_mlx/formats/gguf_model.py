@@ -9,6 +9,11 @@ undone here so that the rest of the engine sees one layout for every family:
   ("NeoX", `traditional=False`) RoPE, as the Hugging Face weights do.
 * GGUF names (`blk.3.attn_q.weight`) become Hugging Face names (`model.layers.3.self_attn.q_proj.weight`),
   which is also what `convert` writes for mlx-lm.
+* Gemma's RMSNorm multiplies by `1 + weight`, and llama.cpp's converter stores `1 + weight` in the
+  GGUF (convert_hf_to_gguf.py, Gemma3Model: `data_torch + 1` for every `norm.weight`; the
+  stored values centre near 1, not 0). The Hugging Face weight is restored here (minus 1, as
+  transformers' GGUF loader does), so `convert` writes what mlx-lm's `gemma3_text` expects;
+  `models/gemma3.py` adds the 1 back once at load.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .gguf import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
+SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "gemma3")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -38,6 +43,19 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 has four norms per layer; its `ffn_norm` is the one before the MLP.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_LAYER_NAMES_BY_ARCHITECTURE = {"gemma3": _GEMMA3_LAYER_NAMES}
+# llama.cpp's fixed Gemma 3 facts (llama-model.cpp): every 6th layer global, local RoPE base 10k.
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -45,11 +63,12 @@ _GLOBAL_NAMES = {
 }
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`; None if not a weight we use."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(architecture, _LAYER_NAMES)
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
     return None
@@ -107,7 +126,27 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
         tie_word_embeddings="output.weight" not in gguf.tensors,
         attention_bias="blk.0.attn_q.bias" in gguf.tensors,
         name=str(meta.get("general.name", gguf.path.stem)),
+        extra=_gemma3_extra(gguf, get, head_dim, hidden // heads) if arch == "gemma3" else {},
     )
+
+
+def _gemma3_extra(gguf: GGUFFile, get: Any, head_dim: int, hidden_per_head: int) -> dict[str, Any]:
+    """Gemma 3's own hyper-parameters, under mlx-lm's `gemma3_text` names. The GGUF stores the
+    window; the pattern, the local RoPE base and the attention scale are llama.cpp's constants
+    (llama-model.cpp: scale 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 62-layer 27B;
+    the same values as the Hugging Face configs' query_pre_attn_scalar: 256, and 168 for 27B)."""
+    layers = int(get("block_count"))
+    extra: dict[str, Any] = {
+        "sliding_window": int(get("attention.sliding_window")),
+        "sliding_window_pattern": GEMMA3_SLIDING_WINDOW_PATTERN,
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+        "query_pre_attn_scalar": hidden_per_head if layers == 62 else head_dim,
+    }
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        value = gguf.metadata.get(f"gemma3.{key}")
+        if value:
+            extra[key] = float(get(key))
+    return extra
 
 
 def _rope_scaling(gguf: GGUFFile, arch: str) -> dict[str, Any] | None:
@@ -136,7 +175,7 @@ def read_weights(
 
     `exact` loads the types with only a near affine form dense (see `quant.load_tensor`)."""
     weights: dict[str, Any] = {}
-    names = [(name, hf_name(name)) for name in gguf.tensors]
+    names = [(name, hf_name(name, config.model_type)) for name in gguf.tensors]
     names = [(g, h) for g, h in names if h is not None]
     for gguf_name, name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, leave=False):
         info = gguf.tensors[gguf_name]
@@ -144,6 +183,10 @@ def read_weights(
         if config.model_type == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             raw = _unpermute_rows(np.asarray(raw), heads)
+        if config.model_type == "gemma3" and name.endswith("norm.weight"):
+            raw = quant.dequantize_numpy(raw, info.type, info.shape) - 1.0  # back to the HF weight
+            weights[name] = mx.array(raw.astype(np.float32)).astype(dtype)
+            continue
         weights[name] = quant.load_tensor(raw, info.type, info.shape, dtype, exact=exact)
     _check_complete(weights, config, gguf.path)
     return weights
@@ -151,8 +194,9 @@ def read_weights(
 
 def _check_complete(weights: dict[str, Any], config: ModelConfig, path: Path) -> None:
     needed = ["model.embed_tokens.weight", "model.norm.weight"]
+    layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(config.model_type, _LAYER_NAMES)
     for i in range(config.num_hidden_layers):
-        needed += [f"model.layers.{i}.{n}.weight" for n in _LAYER_NAMES.values()]
+        needed += [f"model.layers.{i}.{n}.weight" for n in layer_names.values()]
     missing = [n for n in needed if n not in weights]
     if missing:
         raise ModelFormatError(

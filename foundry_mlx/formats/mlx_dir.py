@@ -21,7 +21,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from .. import models, quant
-from ..config import ModelConfig
+from ..config import OUR_MODEL_TYPES, ModelConfig
 from ..errors import FoundryError, ModelFormatError
 
 SHARD_BYTES = 5 << 30  # mlx-lm's default shard size
@@ -29,6 +29,8 @@ SHARD_BYTES = 5 << 30  # mlx-lm's default shard size
 
 def _split_fused(model) -> dict[str, Any]:
     """The model's weights under Hugging Face names, fused projections split back apart."""
+    if hasattr(model, "hf_weights"):  # a family that lays out its own weights (gemma3)
+        return model.hf_weights()
     config: ModelConfig = model.config
     weights: dict[str, Any] = {"model.embed_tokens.weight": _weight_of(model.embed_tokens.table)}
     weights["model.norm.weight"] = model.norm_weight
@@ -145,7 +147,7 @@ def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True):
     if not config_path.exists():
         raise ModelFormatError(f"{path} has no config.json; is it a model directory?")
     values = json.loads(config_path.read_text())
-    if values.get("model_type") not in models.FAMILIES:
+    if OUR_MODEL_TYPES.get(values.get("model_type"), values.get("model_type")) not in models.FAMILIES:
         raise ModelFormatError(
             f"{path} holds a {values.get('model_type')!r} model; supported: {', '.join(models.FAMILIES)}."
         )

@@ -10,7 +10,7 @@ import mlx.core as mx
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 
-FAMILIES = ("qwen2", "llama")
+FAMILIES = ("qwen2", "llama", "gemma3")
 
 
 def build(config: ModelConfig, weights: dict[str, Any]):

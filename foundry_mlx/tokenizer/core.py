@@ -18,6 +18,7 @@ from .gguf_vocab import (
     build_from_gguf,
     special_ids_to_skip,
 )
+from .named_templates import named_template, suggested_template
 from .streaming import StreamingDetokenizer
 
 
@@ -237,7 +238,8 @@ class Tokenizer:
         """
         if self.chat_template is None:
             raise FoundryError(
-                "This model has no chat template; use `generate` for raw completion instead."
+                "This model has no chat template; name one (chat_template='gemma' or 'chatml' in "
+                "load(), --chat-template on the CLI) or use `generate` for raw completion instead."
             )
         if self._compiled_template is None:
             self._compiled_template = ChatTemplate(self.chat_template)
@@ -258,6 +260,19 @@ class Tokenizer:
             **kwargs,
         )
         return self.encode(prompt, add_special_tokens=False) if tokenize else prompt
+
+    def set_chat_template(self, template: str) -> None:
+        """Use another chat template: a built-in name (`chatml`, `gemma`), a Jinja file, or Jinja source."""
+        if "{{" in template or "{%" in template:
+            source = template
+        else:
+            source = named_template(template)
+        ChatTemplate(source)  # a syntax error shows now, not at the first message
+        self.chat_template, self._compiled_template = source, None
+
+    def suggested_chat_template(self) -> str:
+        """The built-in template that fits this vocabulary (for a model without its own)."""
+        return suggested_template(lambda text: self.token_to_id(text) is not None)
 
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         """A fresh `StreamingDetokenizer` for one generated sequence."""

@@ -19,6 +19,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from ..errors import ModelFormatError
+from .sentencepiece import build_sentencepiece
 
 # llama.cpp's token types (enum llama_token_type).
 TOKEN_TYPE_NORMAL = 1
@@ -99,7 +100,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     ),
 }
 
-SUPPORTED_MODELS = ("gpt2",)
+SUPPORTED_MODELS = ("gpt2", "llama")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -173,14 +174,15 @@ def build_from_gguf(metadata: Mapping[str, Any]) -> GGUFTokenizerParts:
             "use a GGUF converted with its tokenizer."
         )
     if model_type not in SUPPORTED_MODELS:
-        kind = " (SentencePiece)" if model_type == "llama" else ""
         raise ModelFormatError(
-            f"Tokenizer type tokenizer.ggml.model = {model_type!r}{kind} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODELS)} (byte-level BPE): use a model with one."
+            f"Tokenizer type tokenizer.ggml.model = {model_type!r} is not supported; supported: gpt2 "
+            "(byte-level BPE) and llama (SentencePiece): use a model with one of these."
         )
     # llama.cpp also falls back to "default" when the name is missing (and warns).
     pre = metadata.get("tokenizer.ggml.pre") or "default"
     spec = PRE_TOKENIZERS.get(pre)
+    if model_type == "llama":  # SentencePiece: no split regex; BOS unless the file says otherwise
+        spec = PreTokenizerSpec((), add_bos=True)
     if spec is None:
         raise ModelFormatError(
             f"Pre-tokenizer tokenizer.ggml.pre = {pre!r} is not supported; supported: "
@@ -188,7 +190,6 @@ def build_from_gguf(metadata: Mapping[str, Any]) -> GGUFTokenizerParts:
         )
 
     tokens = _string_list(metadata, "tokenizer.ggml.tokens")
-    merges = _string_list(metadata, "tokenizer.ggml.merges")
     vocab_size = len(tokens)
     token_types = metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * vocab_size
     if len(token_types) != vocab_size:
@@ -197,6 +198,54 @@ def build_from_gguf(metadata: Mapping[str, Any]) -> GGUFTokenizerParts:
             "it is corrupt: re-convert or download it again."
         )
 
+    if model_type == "llama":
+        backend, vocab = build_sentencepiece(metadata, tokens, token_types)
+    else:
+        backend, vocab = _byte_level_backend(metadata, tokens, token_types, spec)
+
+    bos = _token_id(metadata, "bos_token_id", vocab_size)
+    eos = _token_id(metadata, "eos_token_id", vocab_size)
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", spec.add_bos))
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise ModelFormatError(
+            "The GGUF file asks to add a BOS/EOS token but does not say which one "
+            "(tokenizer.ggml.bos_token_id / eos_token_id); re-convert the model."
+        )
+
+    end_ids = {eos} | {
+        _token_id(metadata, key, vocab_size) for key in ("eot_token_id", "eom_token_id")
+    }
+    for name in END_OF_TURN_NAMES:
+        token_id = vocab.get(name)
+        # Only real control tokens: in some vocabularies "<|end|>" could be ordinary text.
+        if token_id is not None and token_types[token_id] in (
+            TOKEN_TYPE_CONTROL,
+            TOKEN_TYPE_USER_DEFINED,
+        ):
+            end_ids.add(token_id)
+    end_ids.discard(None)
+
+    template = metadata.get("tokenizer.chat_template")
+    return GGUFTokenizerParts(
+        backend=backend,
+        vocab_size=vocab_size,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        eos_token_ids=frozenset(end_ids),
+        pad_token_id=_token_id(metadata, "padding_token_id", vocab_size),
+        unk_token_id=_token_id(metadata, "unknown_token_id", vocab_size),
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        chat_template=template if isinstance(template, str) else None,
+    )
+
+
+def _byte_level_backend(
+    metadata: Mapping[str, Any], tokens: list[str], token_types: list[int], spec: PreTokenizerSpec
+) -> tuple[BackendTokenizer, dict[str, int]]:
+    """A byte-level BPE (`tokenizer.ggml.model = gpt2`) and its vocabulary (spelling → id)."""
+    merges = _string_list(metadata, "tokenizer.ggml.merges")
     # Ordinary tokens are byte-level spelled; a few converters store one as raw text, which is
     # respelled as transformers does. Control and user-defined tokens stay raw: they are matched
     # literally in the input text, as llama.cpp does.
@@ -240,42 +289,7 @@ def build_from_gguf(metadata: Mapping[str, Any]) -> GGUFTokenizerParts:
     backend.add_special_tokens(special)
     backend.add_tokens(user_defined)
 
-    bos = _token_id(metadata, "bos_token_id", vocab_size)
-    eos = _token_id(metadata, "eos_token_id", vocab_size)
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", spec.add_bos))
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
-    if (add_bos and bos is None) or (add_eos and eos is None):
-        raise ModelFormatError(
-            "The GGUF file asks to add a BOS/EOS token but does not say which one "
-            "(tokenizer.ggml.bos_token_id / eos_token_id); re-convert the model."
-        )
-
-    end_ids = {eos} | {
-        _token_id(metadata, key, vocab_size) for key in ("eot_token_id", "eom_token_id")
-    }
-    for name in END_OF_TURN_NAMES:
-        token_id = vocab.get(name)
-        # Only real control tokens: in some vocabularies "<|end|>" could be ordinary text.
-        if token_id is not None and token_types[token_id] in (
-            TOKEN_TYPE_CONTROL,
-            TOKEN_TYPE_USER_DEFINED,
-        ):
-            end_ids.add(token_id)
-    end_ids.discard(None)
-
-    template = metadata.get("tokenizer.chat_template")
-    return GGUFTokenizerParts(
-        backend=backend,
-        vocab_size=vocab_size,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        eos_token_ids=frozenset(end_ids),
-        pad_token_id=_token_id(metadata, "padding_token_id", vocab_size),
-        unk_token_id=_token_id(metadata, "unknown_token_id", vocab_size),
-        add_bos_token=add_bos,
-        add_eos_token=add_eos,
-        chat_template=template if isinstance(template, str) else None,
-    )
+    return backend, vocab
 
 
 def special_ids_to_skip(backend: BackendTokenizer) -> frozenset[int]:

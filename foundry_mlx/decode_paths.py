@@ -1,0 +1,60 @@
+"""Which path each operation of a decode step takes: a custom GPU kernel or the reference (plain
+MLX ops), and why. `foundry-mlx info` prints this table; it is derived from the same facts the
+model files and `ops.py` act on (the family's layer structure, the kernel set's limits, the backend).
+"""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+from .kernels import sdpa
+
+GEMV = "custom GEMV kernel"
+ATTENTION = "custom decode-attention kernel"
+
+
+def _attention(config: ModelConfig) -> tuple[str, str]:
+    if config.extra.get("attn_logit_softcapping"):
+        return "reference", "soft-capped scores: no kernel has the cap"
+    if not sdpa.supported(config.head_dim):
+        return "reference", f"head dim {config.head_dim} is outside the kernel's 8..256"
+    return ATTENTION, f"{config.num_attention_heads} query / {config.num_key_value_heads} KV heads, head dim {config.head_dim}"
+
+
+def _qwen2_llama(config: ModelConfig) -> list[tuple[str, str, str]]:
+    return [
+        ("RMSNorm + Q/K/V projection + RoPE", GEMV, "norm, bias and RoPE fused in one launch"),
+        ("attention", *_attention(config)),
+        ("o_proj + residual", GEMV, "residual add fused"),
+        ("RMSNorm + gate/up + SwiGLU", GEMV, "norm and SwiGLU fused"),
+        ("down + residual", GEMV, "residual add fused"),
+        ("final RMSNorm + lm_head", GEMV, "norm fused"),
+        ("decode step", "compiled", "one mx.compile trace per 256 positions"),
+    ]
+
+
+def _gemma3(config: ModelConfig) -> list[tuple[str, str, str]]:
+    return [
+        ("RMSNorm + Q/K/V projection", GEMV, "norm fused; RoPE not: the Q/K norms come first"),
+        ("Q/K RMSNorm + RoPE", "reference", "per-head norm before RoPE: no fused kernel"),
+        ("attention (local ring, global)", *_attention(config)),
+        ("o_proj", GEMV, "no residual fused: the post-attention norm comes first"),
+        ("post-attention / post-FFN RMSNorm + residual", "reference", "a norm between projection and residual"),
+        ("RMSNorm + gate/up", GEMV, "norm fused"),
+        ("GeGLU (gelu_tanh(gate) * up)", "reference", "the GEMV's activation epilogue is SwiGLU only"),
+        ("down", GEMV, "no residual fused: the post-FFN norm comes first"),
+        ("final RMSNorm + lm_head", GEMV, "norm fused"),
+        ("decode step", "eager", "the compiled step's fixed-shape cache does not model ring buffers"),
+    ]
+
+
+def decode_paths(config: ModelConfig, backend: str) -> list[tuple[str, str, str]]:
+    """(operation, path, reason) for one decode step of `config` on `backend` (metal, cuda, reference).
+    Quantized weights are assumed (dense weights, as with --exact, take the reference GEMV path)."""
+    plan = _gemma3(config) if config.model_type == "gemma3" else _qwen2_llama(config)
+    if backend != "reference":
+        return plan
+    reason = "no Metal or CUDA backend in this MLX, or --kernels reference"
+    return [
+        (op, path, why) if path in ("compiled", "eager", "reference") else (op, "reference", reason)
+        for op, path, why in plan
+    ]
