@@ -180,3 +180,13 @@ def test_thresholds_stop_64_nats_below_the_best():
     logits = np.array([0.0] + [-100.0] * 9, dtype=np.float32)
     assert sample.thresholds(logits, 5, 1.0, 0.0) == pytest.approx(-64.0)
     assert math.isclose(sample.thresholds(logits, 0, 1.0, 0.5), math.log(0.5), rel_tol=1e-6)
+
+
+def test_other_families_are_not_planned(tmp_path):
+    """Gemma 3 also has a fused qkv_proj, but its layer is not this plan's: it must not be taken."""
+    from tiny_models import gemma3_spec
+
+    path = tmp_path / "gemma.gguf"
+    write_tiny_model(path, gemma3_spec())
+    loaded, _ = load(str(path), progress=False)
+    assert "not 'gemma3'" in fused_step.unsupported_reason(loaded)

@@ -35,10 +35,16 @@ QKV_NO_BIAS = qgemv.Variant(norm=True, rope=True, fused=True)
 RESIDUAL = qgemv.Variant(residual=True, fused=True)
 SWIGLU = qgemv.Variant(norm=True, swiglu=True, fused=True)
 HEAD = qgemv.Variant(norm=True, fused=True)
+# Families whose decode layer is exactly RMSNorm → QKV(+bias) → RoPE → GQA → o_proj → RMSNorm →
+# SwiGLU → down (Gemma 3's Q/K norms, GeGLU and post-norms are not this plan: it decodes per op).
+PLANNED_FAMILIES = ("qwen2", "llama")
 
 
 def unsupported_reason(model) -> str | None:
     """Why the fused step cannot run `model` (None when it can)."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in PLANNED_FAMILIES:
+        return f"the fused step is planned for {', '.join(PLANNED_FAMILIES)}, not {family!r}"
     layers = getattr(model, "layers", None)
     if not layers or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "qkv_proj"):
         return "the model's layers are not the Qwen2 / Llama shape the fused step is planned for"
