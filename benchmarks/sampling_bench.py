@@ -55,7 +55,8 @@ def main() -> None:
         params = sample.make_params(temperature, top_k, top_p, min_p, penalty)
         states = [sample.make_state(0, 0, i, 7, 64) for i in range(args.draws)]
         mx.eval(states, params)
-        ours = time_draws(lambda i: gpu.sample(logits, params, states[i], recent)[1], args.draws)
+        ours = time_draws(lambda i, params=params, states=states: gpu.sample(logits, params, states[i], recent)[1],
+                          args.draws)
         sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
         processors = make_logits_processors(repetition_penalty=penalty if penalty != 1.0 else None)
         history = recent.astype(mx.int32)

@@ -124,11 +124,8 @@ class GpuKernels:
         return self._kernel(source)(**arguments)[4], keys, values
 
     def sample(self, logits, params, state, recent):
-        launch = sample.launch(logits, params, state, recent, self.backend)
-        next_state, token, _ = self._kernel(sample.kernel_source(self.backend))(
-            inputs=launch.inputs, template=launch.template, grid=launch.grid, threadgroup=launch.threadgroup,
-            output_shapes=launch.output_shapes, output_dtypes=launch.output_dtypes,
-        )
+        arguments = sample.launch_arguments(logits, params, state, recent, self.backend)
+        next_state, token, _ = self._kernel(sample.kernel_source(self.backend))(**arguments)
         return next_state, token, recent  # the kernel wrote the token into the `recent` ring in place
 
 

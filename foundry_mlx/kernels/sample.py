@@ -31,7 +31,6 @@ rounding at a boundary).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -237,22 +236,13 @@ def kernel_source(backend: str) -> KernelSource:
                         body, _BACKEND_HEADER[backend] + _HEADER)
 
 
-@dataclass(frozen=True)
-class Launch:
-    inputs: list
-    template: list
-    grid: tuple[int, int, int]
-    threadgroup: tuple[int, int, int]
-    output_shapes: list
-    output_dtypes: list
-
-
-def launch(logits: mx.array, params: mx.array, state: mx.array, recent: mx.array, backend: str,
-           threads: int | None = None) -> Launch:
-    """Arguments for one draw from `logits` (V,); `recent` is the int32 ring of the penalty window."""
+def launch_arguments(logits: mx.array, params: mx.array, state: mx.array, recent: mx.array, backend: str,
+                     threads: int | None = None) -> dict:
+    """Keyword arguments of the kernel call for one draw from `logits` (V,); `recent` is the int32
+    ring of the penalty window. Outputs: next state, the token (1,), the work buffer (V,)."""
     vocab = logits.size
     threads = threads or THREADS[backend]
-    return Launch(
+    return dict(
         inputs=[logits if logits.ndim == 1 else logits.reshape(-1), params, state, recent],
         template=[("T", logits.dtype), ("V", vocab), ("THREADS", threads), ("RECENT", recent.size)],
         grid=(threads, 1, 1),

@@ -18,12 +18,13 @@ def _metal_draw(logits: np.ndarray, params, seed: int, counter: int, recent: lis
     source = sample.kernel_source("metal")
     header, body = source.render("metal")
     ring = np.array((recent + [0] * 16)[:16], dtype=np.int32)
-    launch = sample.launch(mx.array(logits), sample.make_params(*params), sample.make_state(7, 0, counter, seed,
-                           len(recent)), mx.array(ring), "metal", threads=THREADS)
+    arguments = sample.launch_arguments(mx.array(logits), sample.make_params(*params),
+                                        sample.make_state(7, 0, counter, seed, len(recent)), mx.array(ring), "metal",
+                                        threads=THREADS)
     next_state, token, _ = run_metal_kernel(
-        source.name, source.input_names, source.output_names, body, header, [np.array(a) for a in launch.inputs],
-        launch.output_shapes, launch.output_dtypes, launch.grid, launch.threadgroup, template=launch.template,
-        schedule=schedule,
+        source.name, source.input_names, source.output_names, body, header, [np.array(a) for a in arguments["inputs"]],
+        arguments["output_shapes"], arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
+        template=arguments["template"], schedule=schedule,
     )
     return int(token[0]), next_state
 
