@@ -132,11 +132,16 @@ class FusedDecoder:
 
 def fused_decoder_for(model) -> FusedDecoder | None:
     """The model's fused decoder where the kernel backend and the model allow it, else None.
-    `FOUNDRY_FUSED=0` turns it off (the per-kernel compiled step is used instead)."""
-    if os.environ.get("FOUNDRY_FUSED", "1") == "0":
-        return None
+
+    On by default on CUDA, where its kernels and tokens were checked on the H200; off by default
+    on Metal, whose renditions have run only in the CPU SIMT harness so far: `FOUNDRY_FUSED=1`
+    turns it on there (benchmark it with `foundry-mlx bench`), `FOUNDRY_FUSED=0` off everywhere
+    (the per-kernel compiled step is used instead)."""
     kernel_set = kernels.active()
     if kernel_set is None:
+        return None
+    switch = os.environ.get("FOUNDRY_FUSED", "")
+    if switch == "0" or (switch != "1" and kernel_set.backend != "cuda"):
         return None
     from ..kernels import fused_step
 
