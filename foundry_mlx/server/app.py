@@ -154,7 +154,8 @@ def _completions(state: ServerState, chat: bool):
             raise APIError(404, f"The model {body.model!r} is not served here; use {state.config.model_id!r} (GET /v1/models).",
                            "model", "model_not_found")
         ids = await _prompt_ids(state, body, chat)
-        generation = GenerationRequest(ids, _token_limit(state, body, len(ids)), _sampling(body), body.stops())
+        generation = GenerationRequest(ids, _token_limit(state, body, len(ids)), _sampling(body), body.stops(),
+                                       body.ignore_eos)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:

@@ -79,6 +79,7 @@ class _Common(_Strict):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate through end-of-turn tokens
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

@@ -26,6 +26,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate through end-of-turn tokens (benchmarks, tests)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class LiveSequence:
         self.recent: mx.array | None = None
         self.detokenizer = tokenizer.detokenizer()
         self.stops = _StopMatcher(request.stop)
-        self.eos = tokenizer.eos_token_ids
+        self.eos = frozenset() if request.ignore_eos else tokenizer.eos_token_ids
         self.cache: list[KVCache] | None = None
         self.tokens: list[int] = []  # the ids the cache holds, in order
         self.cached_tokens = 0  # how many of the prompt came from the prompt cache
