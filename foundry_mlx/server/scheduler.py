@@ -137,7 +137,7 @@ class Scheduler:
                 mx.clear_cache()
 
     def _turn(self, live: list[LiveSequence]) -> None:
-        prefilling = next((s for s in live if s.cache is None or s.prompt_left), None)
+        prefilling = next((s for s in live if not s.started or s.prompt_left), None)
         if prefilling is not None:
             self._prefill(prefilling)
         decoding = [s for s in live if s.decoding]
@@ -149,7 +149,7 @@ class Scheduler:
                 self._retire(sequence)
 
     def _prefill(self, sequence: LiveSequence) -> None:
-        if sequence.cache is None:
+        if not sequence.started:
             hit = self.prompt_cache.lookup(sequence.request.ids, self.model) if self.prompt_cache else None
             cache, cached = hit if hit is not None else (self.model.make_cache(), 0)
             sequence.start(cache, sequence.request.ids[:cached])

@@ -56,6 +56,8 @@ class LiveSequence:
         self.cache: list[KVCache] | None = None
         self.tokens: list[int] = []  # the ids the cache holds, in order
         self.cached_tokens = 0  # how many of the prompt came from the prompt cache
+        self.started = False
+        self.prefilled = False
         self.pending: int | None = None  # sampled, to be fed at the next step
         self.generated = 0
         self.finished = False
@@ -66,7 +68,7 @@ class LiveSequence:
     @property
     def prompt_left(self) -> list[int]:
         """Prompt ids not yet in the cache."""
-        return self.request.ids[len(self.tokens) :] if self.pending is None and not self.finished else []
+        return [] if self.prefilled or self.finished else self.request.ids[len(self.tokens) :]
 
     @property
     def decoding(self) -> bool:
@@ -74,6 +76,7 @@ class LiveSequence:
 
     def start(self, cache: list[KVCache], cached: Sequence[int]) -> None:
         """Take a cache that already holds `cached` (a prefix of the prompt, maybe empty)."""
+        self.started = True
         params = self.request.sampling
         self.sampler = Sampler(params)
         if params.repetition_penalty != 1.0:
@@ -97,6 +100,7 @@ class LiveSequence:
     def accept(self, token: int) -> None:
         """A new token was sampled: emit its text, apply the stop rules."""
         self.generated += 1
+        self.prefilled = True
         if self.generated == 1:
             self.first_token_time = time.perf_counter() - self.submitted
         if self.recent is not None:
@@ -114,11 +118,17 @@ class LiveSequence:
             self.pending = token
         else:
             self.finished = True
-        self.emit(self._event(text, reason))
+        self._send(self._event(text, reason))
 
     def fail(self, message: str) -> None:
         self.finished = True
-        self.emit(self._event("", "error", message))
+        self._send(self._event("", "error", message))
+
+    def _send(self, event: Event) -> None:
+        try:
+            self.emit(event)
+        except Exception:  # the receiver is gone (its event loop closed): nobody waits for more
+            self.cancelled = True
 
     def _event(self, text: str, reason: str | None, error: str | None = None) -> Event:
         return Event(
