@@ -205,14 +205,14 @@ def test_full_queue_503_and_disconnect_frees_slot(tmp_path):
             queued = streams.enter_context(second.stream("POST", f"{running.url}/v1/completions", json=body))
             time.sleep(0.5)
             health = httpx.get(f"{running.url}/health").json()
-            assert health == {"status": "ok", "model": "tiny", "live": 1, "waiting": 1}, (health, queued.status_code)
+            assert (health["live"], health["waiting"]) == (1, 1), (health, queued.status_code)
             refused = httpx.post(f"{running.url}/v1/completions", json=body, timeout=30)
             assert refused.status_code == 503 and refused.headers["Retry-After"].isdigit()
             assert refused.json()["error"]["code"] == "server_busy"
             live.close()
             queued.close()
         deadline = time.monotonic() + 10
-        while httpx.get(f"{running.url}/health").json() != {"status": "ok", "model": "tiny", "live": 0, "waiting": 0}:
+        while [httpx.get(f"{running.url}/health").json()[k] for k in ("live", "waiting")] != [0, 0]:
             assert time.monotonic() < deadline, "closed streams still hold their slots"
             time.sleep(0.1)
         done = running.client().completions.create(model="tiny", prompt="a", max_tokens=2)

@@ -100,7 +100,10 @@ def _page(state: ServerState):
 
 def _health(state: ServerState):
     async def health(_request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": state.config.model_id, **state.scheduler.load})
+        scheduler = state.scheduler
+        steps = {"decode_steps": scheduler.steps, "batched_steps": scheduler.batched_steps,
+                 "largest_batch": scheduler.max_rows_seen}
+        return JSONResponse({"status": "ok", "model": state.config.model_id, **scheduler.load, **steps})
 
     return health
 

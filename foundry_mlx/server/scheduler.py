@@ -123,6 +123,7 @@ class Scheduler:
                 if self._stopping:
                     return
                 if not self._live:
+                    mx.clear_cache()  # idle: hand MLX's cached buffers back to the system
                     self._condition.wait()
                     continue
                 live = list(self._live)

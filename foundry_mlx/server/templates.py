@@ -22,10 +22,13 @@ class TemplateLimitError(FoundryError):
 
 
 class TemplateRenderer:
-    def __init__(self, tokenizer, timeout: float = 2.0, max_chars: int = 1 << 22, memory_bytes: int = 1 << 30) -> None:
+    def __init__(self, tokenizer, timeout: float = 2.0, max_chars: int = 1 << 22, memory_bytes: int = 1 << 28) -> None:
         self.tokenizer = tokenizer
         self.timeout, self.max_chars, self.memory_bytes = timeout, max_chars, memory_bytes
-        self._context = multiprocessing.get_context("spawn")
+        # A fork server starts once with the tokenizer's modules imported; each worker is then a
+        # cheap fork of it (a fresh interpreter would take seconds to import MLX on a slow CPU).
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["foundry_mlx.tokenizer", "foundry_mlx.server.templates"])
         self._lock = threading.Lock()
         self._process = None
         self._connection = None
