@@ -328,6 +328,10 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
 @click.option("--api-key", default=None, envvar="FOUNDRY_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 "
               "routes. Default: $FOUNDRY_API_KEY, else no key.")
 @click.option("--max-batch", default=8, show_default=True, help="Requests decoded together in one batched step.")
+@click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="on: concurrent requests decode in one batched step; off: one single-sequence step each, in "
+              "turn; auto: on with a GPU, off on MLX's CPU backend (its matmuls cost B times one row, so batching "
+              "adds no throughput there).")
 @click.option("--max-queue", default=32, show_default=True, help="Requests waiting beyond the batch; more are answered "
               "503 with Retry-After.")
 @click.option("--prompt-cache-bytes", default=512 << 20, show_default=True, help="Memory for the KV caches of earlier "
@@ -339,7 +343,7 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
 @user_errors
-def serve(host: str, port: int, api_key: str | None, max_batch: int, max_queue: int, prompt_cache_bytes: int,
+def serve(host: str, port: int, api_key: str | None, max_batch: int, batching: str, max_queue: int, prompt_cache_bytes: int,
           default_max_tokens: int, max_body_bytes: int, template_timeout: float, log_level: str, **options) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /.
 
@@ -371,7 +375,7 @@ def serve(host: str, port: int, api_key: str | None, max_batch: int, max_queue: 
     config = ServerConfig(model_id=_model_id(options["model"]), api_key=api_key, max_body_bytes=max_body_bytes,
                           default_max_tokens=default_max_tokens)
     state = build_state(model, tokenizer, config, max_batch=max_batch, max_queue=max_queue,
-                        prompt_cache_bytes=prompt_cache_bytes, template_timeout=template_timeout)
+                        prompt_cache_bytes=prompt_cache_bytes, template_timeout=template_timeout, batching=batching)
     click.echo(f"Serving {config.model_id} on http://{host}:{port} (chat page at /, API under /v1)", err=True)
     run_server(state, host=host, port=port, log_level=log_level)
 

@@ -22,7 +22,7 @@ def engine(request, tmp_path_factory):
     return fm.load(str(tiny.path), progress=False)
 
 
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41], [7, 7, 7, 7, 7], [300]]
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41], [7, 7, 7, 7, 7], [200]]
 
 
 def prefilled(model, ids):

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import warnings
 
+from .. import kernels
 from .app import ServerConfig, ServerState, create_app
 from .prompt_cache import PromptCache
 from .scheduler import Scheduler
@@ -22,9 +23,12 @@ def build_state(
     max_queue: int = 32,
     prompt_cache_bytes: int = 512 << 20,
     template_timeout: float = 2.0,
+    batching: str = "auto",
 ) -> ServerState:
     cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prompt_cache=cache)
+    batched = batching == "on" or (batching == "auto" and kernels.gpu_backend() is not None)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prompt_cache=cache,
+                          batched=batched)
     renderer = TemplateRenderer(tokenizer, timeout=template_timeout, max_chars=32 * model.config.max_position_embeddings)
     return ServerState(config, model, tokenizer, scheduler, renderer)
 

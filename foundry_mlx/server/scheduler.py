@@ -12,6 +12,13 @@ Each turn of the loop, between model steps:
    merged into a left-padded batched KV cache (`engine.batch`) and run as one (B, 1) step.
    Each row samples with its own parameters and stops by its own rules.
 
+`batched=False` runs the same turn as one single-sequence step per live sequence instead (the
+`auto` choice on MLX's CPU backend): there a batched step costs B single steps or more, since
+its matmuls are compute-bound (measured on the 2-core CI machine: a (8, 896) x 9728 quantized
+matmul takes 8-10x the time of one row; a B=8 step of the 0.5B model 6.5 s against 0.57 s for
+B=1), so batching cannot add throughput and interleaving keeps every stream moving at the same
+aggregate rate. On a GPU a step is bound by reading the weights, which B rows share.
+
 The batch is rebuilt only when its membership changes; a finished sequence's KV goes to the
 prompt cache. Everything that touches MLX runs on this one thread.
 """
@@ -60,11 +67,13 @@ class Scheduler:
         max_queue: int = 32,
         prompt_cache: PromptCache | None = None,
         prefill_chunk: int = 512,
+        batched: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prompt_cache = prompt_cache
         self.prefill_chunk = prefill_chunk
+        self.batched = batched
         self._waiting: deque[LiveSequence] = deque()
         self._live: list[LiveSequence] = []
         self._batch_rows: list[LiveSequence] = []
@@ -174,10 +183,9 @@ class Scheduler:
     def _decode(self, decoding: list[LiveSequence]) -> None:
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(decoding))
-        if len(decoding) == 1:
-            sequence = decoding[0]
-            logits = decoder_for(self.model)(mx.array([sequence.pending]), sequence.cache)
-            rows = [logits]
+        if len(decoding) == 1 or not self.batched:
+            decode = decoder_for(self.model)
+            rows = [decode(mx.array([s.pending]), s.cache) for s in decoding]
         else:
             if self._batch is None:
                 self._batch = batching.merge([s.cache for s in decoding], reserve=self._reserve(decoding))
