@@ -11,6 +11,7 @@ At temperature 0 it also reports whether each concurrent answer equals the same 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--min-tokens", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=1, help="alternating (one after another, concurrently) pairs")
     args = parser.parse_args()
     model = httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
     step = (args.max_tokens - args.min_tokens) / max(args.clients - 1, 1)
@@ -39,18 +41,23 @@ def main() -> None:
         response = httpx.post(f"{args.url}/v1/completions", json=body, timeout=3600).json()
         return response["choices"][0]["text"], response["usage"]["completion_tokens"]
 
-    start = time.perf_counter()
-    alone = [ask(job) for job in jobs]
-    sequential = time.perf_counter() - start
+    sequential_times, concurrent_times = [], []
     before = httpx.get(f"{args.url}/health").json()
-    start = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        together = list(pool.map(ask, jobs))
-    concurrent = time.perf_counter() - start
+    for _ in range(args.trials):  # alternating, so that a busy spell on a shared machine hits both
+        start = time.perf_counter()
+        alone = [ask(job) for job in jobs]
+        sequential_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            together = list(pool.map(ask, jobs))
+        concurrent_times.append(time.perf_counter() - start)
     after = httpx.get(f"{args.url}/health").json()
+    sequential, concurrent = statistics.median(sequential_times), statistics.median(concurrent_times)
     tokens = sum(count for _, count in alone)
     print(f"model {model}, {args.clients} requests, {tokens} generated tokens in all (prompts of "
           f"{min(len(p) for p, _ in jobs)}-{max(len(p) for p, _ in jobs)} characters)")
+    print(f"trials (s): one after another {[round(t, 1) for t in sequential_times]}, "
+          f"concurrently {[round(t, 1) for t in concurrent_times]}; medians below")
     print(f"one after another: {sequential:.1f} s, {tokens / sequential:.2f} tok/s")
     print(f"concurrently:      {concurrent:.1f} s, {tokens / concurrent:.2f} tok/s "
           f"({sequential / concurrent:.2f}x; largest batch {after['largest_batch']}, "

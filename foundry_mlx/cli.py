@@ -327,7 +327,7 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
 @click.option("--port", default=8080, show_default=True, help="TCP port.")
 @click.option("--api-key", default=None, envvar="FOUNDRY_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 "
               "routes. Default: $FOUNDRY_API_KEY, else no key.")
-@click.option("--max-batch", default=8, show_default=True, help="Requests decoded together in one batched step.")
+@click.option("--max-batch", default=8, show_default=True, help="Requests decoding at the same time (the others queue).")
 @click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="on: concurrent requests decode in one batched step; off: one single-sequence step each, in "
               "turn; auto: on with a GPU, off on MLX's CPU backend (its matmuls cost B times one row, so batching "

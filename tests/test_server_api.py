@@ -179,6 +179,18 @@ def test_openai_client_sees_errors(server):
     assert server.client().completions.create(model="tiny", prompt="a", max_tokens=1).usage.completion_tokens == 1
 
 
+def test_serve_help_and_bad_options(tiny):
+    from click.testing import CliRunner
+
+    from foundry_mlx.cli import main
+
+    help_text = CliRunner().invoke(main, ["serve", "--help"]).output
+    for option in ("--host", "--port", "--api-key", "--max-batch", "--prompt-cache-bytes", "/v1/chat/completions"):
+        assert option in help_text
+    result = CliRunner().invoke(main, ["serve", "-m", str(tiny.path), "--max-batch", "0"])
+    assert result.exit_code == 1 and result.output.strip() == "error: --max-batch must be at least 1, got 0."
+
+
 def test_api_key(tiny):
     running = RunningServer(str(tiny.path), "--api-key", "s3cret")
     try:

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,14 +234,16 @@ async def _next_event(queue: asyncio.Queue, timeout: float) -> Event | None:
 
 async def _collect(request: Request, queue, ticket, name: str, body, chat: bool) -> Response:
     pieces, event = [], None
+    checked = time.monotonic()
     try:
         while event is None or event.finish_reason is None:
             event = await _next_event(queue, KEEP_ALIVE_SECONDS)
-            if event is None:
-                if await request.is_disconnected():
+            if event is None or time.monotonic() - checked > KEEP_ALIVE_SECONDS:
+                checked = time.monotonic()
+                if await request.is_disconnected():  # the client gave up: stop generating for it
                     return Response(status_code=499)
-                continue
-            pieces.append(event.text)
+            if event is not None:
+                pieces.append(event.text)
     finally:
         if event is None or event.finish_reason is None:
             ticket.cancel()
