@@ -142,3 +142,16 @@ def test_prompt_cache_longest_prefix_lru_and_budget(engine):
     assert cache.lookup([1, 2, 3], model) is not None and cache.nbytes <= cache.max_bytes
     cache.store(list(range(100, 140)), prefilled(model, list(range(100, 140))))  # larger than the budget: skipped
     assert cache.lookup([100, 101, 102], model) is None
+
+
+def test_batch_cache_grows_keeping_its_contents(engine):
+    model, _ = engine
+    batch = merge([prefilled(model, ids) for ids in PROMPTS[:2]], reserve=1)
+    layer = batch[0]
+    before, capacity = layer.keys[..., : layer.column, :], layer.capacity
+    heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+    new = mx.ones((2, heads, capacity, dim))
+    keys, _ = layer.update_and_fetch(new, new)
+    assert layer.capacity > capacity and keys.shape[2] == before.shape[2] + capacity
+    assert mx.array_equal(keys[..., : before.shape[2], :], before).item()
+    assert mx.array_equal(keys[..., before.shape[2] :, :], new).item()

@@ -146,6 +146,7 @@ BAD_REQUESTS = [
      "messages"),
     ("temperature", "/v1/completions", {"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
     ("top_p", "/v1/completions", {"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("seed", "/v1/completions", {"model": "tiny", "prompt": "a", "seed": -1}, 400, "seed"),
     ("token id", "/v1/completions", {"model": "tiny", "prompt": [10**9]}, 400, "prompt"),
     ("stream_options alone", "/v1/completions", {"model": "tiny", "prompt": "a", "stream_options": {"include_usage": True}},
      400, "stream_options"),

@@ -69,7 +69,7 @@ class _Common(_Strict):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=1 << 64)  # what mx.random.key takes
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False

@@ -207,7 +207,7 @@ class Scheduler:
     @staticmethod
     def _reserve(decoding: list[LiveSequence]) -> int:
         # Room for the longest remaining reply, so the merged buffer rarely grows.
-        return max(s.request.max_tokens - s.generated for s in decoding) + 1
+        return min(max(s.request.max_tokens - s.generated for s in decoding), 256) + 1
 
     def _retire(self, sequence: LiveSequence) -> None:
         if self.prompt_cache is not None and sequence.cache is not None and not sequence.cancelled:

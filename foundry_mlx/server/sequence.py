@@ -17,6 +17,8 @@ from ..engine.cache import KVCache
 from ..engine.generate import _StopMatcher
 from ..engine.sampling import Sampler, SamplingParams
 
+RESERVE_TOKENS = 1024
+
 
 @dataclass
 class GenerationRequest:
@@ -84,7 +86,9 @@ class LiveSequence:
         self.cache = cache
         self.tokens = list(cached)
         self.cached_tokens = len(cached)
-        needed = len(self.request.ids) + self.request.max_tokens
+        # Room for the prompt and a reply of typical length up front; a longer one grows the cache
+        # in steps, so that many clients asking for the whole context do not reserve it all at once.
+        needed = len(self.request.ids) + min(self.request.max_tokens, RESERVE_TOKENS)
         for layer_cache in cache:
             layer_cache.reserve(needed)
 
