@@ -72,4 +72,4 @@ def test_follow_up_turn_reuses_the_prefix(server):
     print(f"\nfollow-up turn: time to first token {warm:.2f} s with {warm_cached} cached prompt tokens, "
           f"{cold:.2f} s with {cold_cached}")
     assert warm_cached >= reply.usage.prompt_tokens and cold_cached < 5
-    assert warm < 0.6 * cold
+    assert warm < 0.75 * cold  # about 0.45 measured; the margin is for a busy shared machine
