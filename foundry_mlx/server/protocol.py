@@ -113,7 +113,7 @@ class _Common(_Strict):
         extra = self.model_extra or {}
         for name in ("tools", "functions", "tool_choice", "function_call", "audio", "prediction", "suffix", "echo", "best_of"):
             value = extra.get(name)
-            refused[name] = value not in (None, [], False, "none", "auto", 1) or (name == "echo" and value is True)
+            refused[name] = value not in (None, [], "", False, "none", "auto", 1) or (name == "echo" and value is True)
         response_format = extra.get("response_format")
         refused["response_format"] = response_format is not None and response_format != {"type": "text"}
         modalities = extra.get("modalities")
