@@ -155,3 +155,24 @@ def test_batch_cache_grows_keeping_its_contents(engine):
     assert layer.capacity > capacity and keys.shape[2] == before.shape[2] + capacity
     assert mx.array_equal(keys[..., : before.shape[2], :], before).item()
     assert mx.array_equal(keys[..., before.shape[2] :, :], new).item()
+
+
+def test_batched_rows_go_to_the_prompt_cache_intact(engine):
+    model, tokenizer = engine
+    cache = PromptCache(1 << 26)
+    scheduler = Scheduler(model, tokenizer, max_batch=2, prompt_cache=cache, batched=True)
+    scheduler.start()
+    try:
+        first = [GenerationRequest(tokenizer.encode(p), 6, ignore_eos=True) for p in ("hello the world", "a cat")]
+        replies = run_all(scheduler, first)
+        assert scheduler.batched_steps > 0 and wait_until_idle(scheduler) and len(cache) == 2
+        # Each conversation goes on from its stored KV (prompt + reply) and matches a fresh run.
+        follow = [GenerationRequest(r.ids + tokenizer.encode(reply) + tokenizer.encode(" and"), 4, ignore_eos=True)
+                  for r, reply in zip(first, replies)]
+        hits_before = cache.hits
+        assert run_all(scheduler, follow) == [
+            fm.generate(model, tokenizer, r.ids, max_tokens=4, ignore_eos=True) for r in follow
+        ]
+        assert cache.hits - hits_before == 2
+    finally:
+        scheduler.stop()
