@@ -90,6 +90,8 @@ def test_scheduler_batches_and_matches_alone(engine):
         assert run_all(scheduler, requests) == expected
         assert scheduler.max_rows_seen == 4 and scheduler.batched_steps > 0
         assert wait_until_idle(scheduler)
+        # Alone, each runs with its next step queued ahead (as stream_generate does): same tokens.
+        assert [run_all(scheduler, [r])[0] for r in requests] == expected
     finally:
         scheduler.stop()
 

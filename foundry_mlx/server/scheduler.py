@@ -136,8 +136,9 @@ class Scheduler:
                     self._condition.wait()
                     continue
                 live = list(self._live)
+                alone = len(live) == 1 and not self._waiting
             try:
-                self._turn(live)
+                self._turn(live, alone)
             except Exception as error:  # a bug: fail these requests, keep serving the next ones
                 log.exception("engine step failed")
                 for sequence in live:
@@ -146,13 +147,18 @@ class Scheduler:
                 self._batch, self._batch_rows = None, []
                 mx.clear_cache()
 
-    def _turn(self, live: list[LiveSequence]) -> None:
+    def _turn(self, live: list[LiveSequence], alone: bool) -> None:
+        for sequence in live:
+            if sequence.speculative is not None and not (alone and sequence.decoding):
+                self._resolve(sequence)  # others arrived: the step queued ahead becomes an ordinary one
         prefilling = next((s for s in live if not s.started or s.prompt_left), None)
         if prefilling is not None:
             self._prefill(prefilling)
         decoding = [s for s in live if s.decoding]
         self._sync_batch(decoding)
-        if decoding:
+        if alone and len(decoding) == 1:
+            self._decode_ahead(decoding[0])
+        elif decoding:
             self._decode(decoding)
         for sequence in live:
             if sequence.finished and sequence.cache is not None and sequence not in self._batch_rows:
@@ -203,6 +209,36 @@ class Scheduler:
             sequence.accept(token)
         if any(s.finished or s.cancelled for s in decoding):
             self._sync_batch([s for s in decoding if s.decoding])
+
+    def _decode_ahead(self, sequence: LiveSequence) -> None:
+        """One sequence alone: as `stream_generate` does, queue step n+1 (`mx.async_eval`) before
+        token n goes to the host, so that building and launching the next step overlap the device's
+        work. A step queued past the last token is dropped (its cache position is never used)."""
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, 1)
+        decode = decoder_for(self.model)
+        current = sequence.speculative
+        if current is None:
+            current = sequence.sample(decode(mx.array([sequence.pending]), sequence.cache))
+        sequence.speculative = None
+        if sequence.generated + 1 < sequence.request.max_tokens:
+            recent = sequence.recent
+            if recent is not None:
+                recent = mx.concatenate([recent, current])[-sequence.request.sampling.repetition_context :]
+            sequence.speculative = sequence.sample(decode(current, sequence.cache), recent)
+            mx.async_eval(sequence.speculative)
+        value = current.item()
+        sequence.fed()
+        sequence.accept(value)
+        if sequence.finished:
+            sequence.speculative = None
+
+    def _resolve(self, sequence: LiveSequence) -> None:
+        """Finish the step queued ahead for `sequence`: it fed the pending token and sampled the next."""
+        value = sequence.speculative.item()
+        sequence.speculative = None
+        sequence.fed()
+        sequence.accept(value)
 
     @staticmethod
     def _reserve(decoding: list[LiveSequence]) -> int:

@@ -61,6 +61,7 @@ class LiveSequence:
         self.started = False
         self.prefilled = False
         self.pending: int | None = None  # sampled, to be fed at the next step
+        self.speculative: mx.array | None = None  # the next token, from a step queued ahead
         self.generated = 0
         self.finished = False
         self.cancelled = False
@@ -92,9 +93,10 @@ class LiveSequence:
         for layer_cache in cache:
             layer_cache.reserve(needed)
 
-    def sample(self, logits: mx.array) -> mx.array:
-        """The next token (1,) from this sequence's last-position logits (1, vocab)."""
-        return self.sampler(logits, self.recent)
+    def sample(self, logits: mx.array, recent: mx.array | None = None) -> mx.array:
+        """The next token (1,) from this sequence's last-position logits (1, vocab); `recent`
+        overrides the recent tokens (a step queued before the last token was accepted)."""
+        return self.sampler(logits, self.recent if recent is None else recent)
 
     def fed(self) -> None:
         """The pending token went through the model (its KV is in the cache now)."""
