@@ -46,6 +46,9 @@ def test_health_and_models(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]
+    assert server.client().models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4")
 
 
 def test_chat_streamed_equals_plain_equals_generate(server, engine):

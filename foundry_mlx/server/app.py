@@ -2,7 +2,7 @@
 
     GET  /                      the chat page (static, no build step)
     GET  /health                liveness and load
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served (and /v1/models/{id})
     POST /v1/chat/completions   chat, with the model's own template; SSE when "stream": true
     POST /v1/completions        raw text completion
 
@@ -68,6 +68,7 @@ def create_app(state: ServerState) -> Starlette:
         Route("/", _page(state), methods=["GET"]),
         Route("/health", _health(state), methods=["GET"]),
         Route("/v1/models", _models(state), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", _models(state), methods=["GET"]),
         Route("/v1/chat/completions", _completions(state, chat=True), methods=["POST"]),
         Route("/v1/completions", _completions(state, chat=False), methods=["POST"]),
     ]
@@ -114,7 +115,13 @@ def _models(state: ServerState):
         _authorize(state, request)
         entry = {"id": state.config.model_id, "object": "model", "created": 0, "owned_by": "foundry-mlx",
                  "context_length": state.context}
-        return JSONResponse({"object": "list", "data": [entry]})
+        asked = request.path_params.get("model_id")
+        if asked is None:
+            return JSONResponse({"object": "list", "data": [entry]})
+        if asked != state.config.model_id:
+            raise APIError(404, f"The model {asked!r} is not served here; use {state.config.model_id!r}.", "model",
+                           "model_not_found")
+        return JSONResponse(entry)
 
     return models
 
