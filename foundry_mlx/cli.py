@@ -349,6 +349,71 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
 
 
 @main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the default is this machine only. "
+              "Another address exposes the model to the network: give --api-key then.")
+@click.option("--port", default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key", default=None, envvar="FOUNDRY_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 "
+              "routes. Default: $FOUNDRY_API_KEY, else no key.")
+@click.option("--max-batch", default=8, show_default=True, help="Requests decoding at the same time (the others queue).")
+@click.option("--batching", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="on: concurrent requests decode in one batched step; off: one single-sequence step each, in "
+              "turn; auto: on with a GPU, off on MLX's CPU backend (its matmuls cost B times one row, so batching "
+              "adds no throughput there).")
+@click.option("--max-queue", default=32, show_default=True, help="Requests waiting beyond the batch; more are answered "
+              "503 with Retry-After.")
+@click.option("--prompt-cache-bytes", default=512 << 20, show_default=True, help="Memory for the KV caches of earlier "
+              "prompts (reused when a request starts with the same tokens); 0 turns the prompt cache off.")
+@click.option("--max-tokens", "default_max_tokens", default=512, show_default=True, help="Tokens per reply when a request "
+              "sets no max_tokens (never beyond the context).")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, help="Largest request body; larger ones get 413.")
+@click.option("--template-timeout", default=2.0, show_default=True, help="Seconds a chat template may take to render.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level.")
+@user_errors
+def serve(host: str, port: int, api_key: str | None, max_batch: int, batching: str, max_queue: int, prompt_cache_bytes: int,
+          default_max_tokens: int, max_body_bytes: int, template_timeout: float, log_level: str, **options) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    \b
+    Routes: POST /v1/chat/completions, POST /v1/completions (both stream with
+    "stream": true), GET /v1/models, GET /health, and the chat page at GET /.
+    Concurrent requests are decoded together (continuous batching, --max-batch);
+    a request that starts like an earlier one reuses its KV cache (--prompt-cache-bytes).
+
+    \b
+    Example:
+      foundry-mlx serve --port 8080
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "qwen2.5-coder-0.5b", "messages": [{"role": "user", "content": "hi"}]}'
+    """
+    try:
+        from .server.app import ServerConfig
+        from .server.run import build_state
+        from .server.run import serve as run_server
+    except ImportError as error:
+        raise FoundryError(f"The server needs its extra ({error.name} is missing); pip install 'foundry-mlx[server]'.") from None
+    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens", default_max_tokens),
+                        ("--max-body-bytes", max_body_bytes)):
+        if value < 1:
+            raise FoundryError(f"{name} must be at least 1, got {value}.")
+    if not 1 <= port <= 65535:
+        raise FoundryError(f"--port must be between 1 and 65535, got {port}.")
+    model, tokenizer, _ = _load(options)
+    config = ServerConfig(model_id=_model_id(options["model"]), api_key=api_key, max_body_bytes=max_body_bytes,
+                          default_max_tokens=default_max_tokens)
+    state = build_state(model, tokenizer, config, max_batch=max_batch, max_queue=max_queue,
+                        prompt_cache_bytes=prompt_cache_bytes, template_timeout=template_timeout, batching=batching)
+    click.echo(f"Serving {config.model_id} on http://{host}:{port} (chat page at /, API under /v1)", err=True)
+    run_server(state, host=host, port=port, log_level=log_level)
+
+
+def _model_id(name: str) -> str:
+    """The id clients put in "model": an alias as given, a file or folder by its name."""
+    return name if name in sources.ALIASES else Path(name).name.removesuffix(".gguf") or name
+
+
+@main.command()
 def models() -> None:
     """List the model aliases (each pins one exact file)."""
     for alias in sources.ALIASES.values():
