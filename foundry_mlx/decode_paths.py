@@ -5,6 +5,8 @@ model files and `ops.py` act on (the family's layer structure, the kernel set's 
 
 from __future__ import annotations
 
+import os
+
 from .config import ModelConfig
 from .kernels import sdpa
 
@@ -20,16 +22,27 @@ def _attention(config: ModelConfig) -> tuple[str, str]:
     return ATTENTION, f"{config.num_attention_heads} query / {config.num_key_value_heads} KV heads, head dim {config.head_dim}"
 
 
-def _qwen2_llama(config: ModelConfig) -> list[tuple[str, str, str]]:
-    return [
+def _qwen2_llama(config: ModelConfig, backend: str) -> list[tuple[str, str, str]]:
+    plan = [
         ("RMSNorm + Q/K/V projection + RoPE", GEMV, "norm, bias and RoPE fused in one launch"),
         ("attention", *_attention(config)),
         ("o_proj + residual", GEMV, "residual add fused"),
         ("RMSNorm + gate/up + SwiGLU", GEMV, "norm and SwiGLU fused"),
         ("down + residual", GEMV, "residual add fused"),
         ("final RMSNorm + lm_head", GEMV, "norm fused"),
-        ("decode step", "compiled", "one mx.compile trace per 256 positions"),
     ]
+    switch = os.environ.get("FOUNDRY_FUSED", "")
+    fused = switch == "1" or (switch != "0" and backend == "cuda")
+    if fused and sdpa.supported(config.head_dim):
+        plan[0] = (plan[0][0], GEMV, "norm, bias and RoPE fused; writes K/V into the cache in place")
+        plan.append(("sampling", "custom sampling kernel", "penalty, temperature, top-k/p, min-p, seeded draw on device"))
+        plan.append(("decode step", "fused", "5 kernels per layer + 3, token in and out on the device "
+                                              "(kernels/fused_step.py; FOUNDRY_FUSED=0 turns it off)"))
+    else:
+        why = "FOUNDRY_FUSED=0" if switch == "0" else f"the fused step is off by default on {backend} (FOUNDRY_FUSED=1)"
+        plan.append(("sampling", "reference", "MLX ops on the logits"))
+        plan.append(("decode step", "compiled", f"one mx.compile trace per 256 positions; {why}"))
+    return plan
 
 
 def _gemma3(config: ModelConfig) -> list[tuple[str, str, str]]:
@@ -50,11 +63,12 @@ def _gemma3(config: ModelConfig) -> list[tuple[str, str, str]]:
 def decode_paths(config: ModelConfig, backend: str) -> list[tuple[str, str, str]]:
     """(operation, path, reason) for one decode step of `config` on `backend` (metal, cuda, reference).
     Quantized weights are assumed (dense weights, as with --exact, take the reference GEMV path)."""
-    plan = _gemma3(config) if config.model_type == "gemma3" else _qwen2_llama(config)
+    plan = _gemma3(config) if config.model_type == "gemma3" else _qwen2_llama(config, backend)
     if backend != "reference":
         return plan
     reason = "no Metal or CUDA backend in this MLX, or --kernels reference"
     return [
-        (op, path, why) if path in ("compiled", "eager", "reference") else (op, "reference", reason)
+        (op, path, why) if path in ("compiled", "eager", "reference") and "fused step" not in why
+        else (op, "reference", reason) if path != "compiled" else (op, "compiled", "one mx.compile trace per 256 positions")
         for op, path, why in plan
     ]

@@ -190,3 +190,16 @@ def test_other_families_are_not_planned(tmp_path):
     write_tiny_model(path, gemma3_spec())
     loaded, _ = load(str(path), progress=False)
     assert "not 'gemma3'" in fused_step.unsupported_reason(loaded)
+
+
+def test_info_reports_which_decode_step_runs(model, monkeypatch):
+    from foundry_mlx.decode_paths import decode_paths
+
+    loaded, _ = model
+    steps = {backend: dict((op, path) for op, path, _ in decode_paths(loaded.config, backend))["decode step"]
+             for backend in ("cuda", "metal", "reference")}
+    assert steps == {"cuda": "fused", "metal": "compiled", "reference": "compiled"}
+    monkeypatch.setenv("FOUNDRY_FUSED", "1")
+    assert dict((op, path) for op, path, _ in decode_paths(loaded.config, "metal"))["sampling"] == "custom sampling kernel"
+    monkeypatch.setenv("FOUNDRY_FUSED", "0")
+    assert dict((op, path) for op, path, _ in decode_paths(loaded.config, "cuda"))["decode step"] == "compiled"
