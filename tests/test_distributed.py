@@ -80,7 +80,7 @@ def single(qwen):
     return {"ids": ids, "logits": logits, "tokens": tokens, "weight_bytes": distributed.weight_bytes(model)}
 
 
-@pytest.mark.parametrize("parallel", ["tensor"])
+@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
 def test_two_ranks_match_single_process(parallel, single, qwen_gguf_path, tmp_path):
     ranks, _ = run_ranks(tmp_path, qwen_gguf_path, parallel, single["ids"])
     for rank, out in enumerate(ranks):
