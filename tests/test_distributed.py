@@ -1,25 +1,22 @@
 """Tensor- and pipeline-parallel runs of the real model: two processes on 127.0.0.1 (ring backend)
 against the single-process run.
 
-Each run starts two ranks of `tests/distributed_worker.py` with a ring hostfile of two loopback
-ports (never another address) and a hard timeout, so a hung collective fails the test instead of
-hanging CI. Float tolerance: the sharded run sums the same products in another order (the
-all-reduce adds per-rank partial sums; float32), measured at ~3e-5 on these logits; we allow 1e-3
-and check that the greedy choice is not a near tie at that tolerance, so token equality is meaningful.
+Each run starts two ranks of `tests/distributed_worker.py` through `loopback.run_ranks`: a ring
+hostfile of two 127.0.0.1 ports and a hard timeout. Float tolerance: the sharded run sums the same
+products in another order (the all-reduce adds per-rank partial sums; float32), measured at ~3e-5
+on these logits; we allow 1e-3 and check that the greedy choice is not a near tie at that
+tolerance, so token equality is meaningful.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from loopback import run_ranks
 
 import foundry_mlx as fm
 from foundry_mlx import distributed
@@ -27,45 +24,18 @@ from foundry_mlx import distributed
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def add(a, b):\n    return"
 MAX_TOKENS = 4
 LOGIT_TOLERANCE = 1e-3
 RUN_TIMEOUT = 240  # seconds for a whole two-rank run (load ~9 s, prefill and 4 tokens ~10 s)
 
 
-def free_loopback_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def run_ranks(tmp_path: Path, model: Path, parallel: str, ids: list[int], size: int = 2, extra_env=None) -> list:
-    """Start `size` ranks on loopback; return their outputs (or fail with their logs)."""
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_loopback_ports(size)]))
-    processes = []
-    for rank in range(size):
-        env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(ROOT)}
-        env.update((extra_env or {}).get(rank, {}))
-        command = [sys.executable, str(WORKER), str(model), parallel, str(tmp_path), ",".join(map(str, ids)), str(MAX_TOKENS)]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for process in processes:
-            logs.append(process.communicate(timeout=RUN_TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"a {parallel}-parallel rank did not finish within {RUN_TIMEOUT} s (hung collective?)")
-    for rank, (process, log) in enumerate(zip(processes, logs)):
-        assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{log[-3000:]}"
-    return [dict(np.load(tmp_path / f"rank{rank}.npz")) for rank in range(size)], logs
+def run_two_ranks(tmp_path: Path, model: Path, parallel: str, ids: list[int]) -> list[dict]:
+    command = [sys.executable, str(WORKER), str(model), parallel, str(tmp_path), ",".join(map(str, ids)), str(MAX_TOKENS)]
+    finished = run_ranks([command, command], tmp_path, RUN_TIMEOUT)
+    for rank, result in enumerate(finished):
+        assert result.returncode == 0, f"rank {rank} exited with {result.returncode}:\n{result.stderr[-3000:]}"
+    return [dict(np.load(tmp_path / f"rank{rank}.npz")) for rank in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +52,7 @@ def single(qwen):
 
 @pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
 def test_two_ranks_match_single_process(parallel, single, qwen_gguf_path, tmp_path):
-    ranks, _ = run_ranks(tmp_path, qwen_gguf_path, parallel, single["ids"])
+    ranks = run_two_ranks(tmp_path, qwen_gguf_path, parallel, single["ids"])
     for rank, out in enumerate(ranks):
         assert int(out["size"]) == 2
         np.testing.assert_array_equal(out["logits"], ranks[0]["logits"], err_msg=f"rank {rank} disagrees with rank 0")
