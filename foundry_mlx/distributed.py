@@ -70,5 +70,5 @@ def agree_seed(seed: int | None, group: mx.distributed.Group) -> int:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weights this rank holds (its shard; the plan's derived arrays included)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    """Bytes of the weights this rank holds (its shard); an array used twice (tied head) counts once."""
+    return sum({id(v): v.nbytes for _, v in tree_flatten(model.parameters())}.values())
