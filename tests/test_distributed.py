@@ -60,5 +60,7 @@ def test_two_ranks_match_single_process(parallel, single, qwen_gguf_path, tmp_pa
         np.testing.assert_allclose(out["logits"], single["logits"], atol=LOGIT_TOLERANCE, rtol=0)
     held = [int(out["weight_bytes"]) for out in ranks]
     print(f"\n{parallel}: weights per rank {[b / 1e6 for b in held]} MB, single process {single['weight_bytes'] / 1e6} MB")
-    # Each rank holds at most 60% of the whole (the rest of the way to 50% is what is replicated).
-    assert max(held) < 0.6 * single["weight_bytes"]
+    # Tensor: every matrix split, only the norms replicated. Pipeline: layers split evenly, the
+    # embedding on rank 0 and the (larger, 8-bit) LM head on rank 1.
+    share = {"tensor": 0.51, "pipeline": 0.55}[parallel]
+    assert max(held) < share * single["weight_bytes"]
