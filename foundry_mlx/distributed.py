@@ -26,6 +26,9 @@ from .config import ModelConfig
 from .errors import FoundryError
 
 STRATEGIES = ("tensor", "pipeline")
+# Families whose model files route O, down and the LM head through tensor_parallel's hooks and
+# whose layers are plain `TransformerBlock(config, weights, index)` stacks (pipeline stages).
+FAMILIES = ("qwen2", "llama")
 BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 
 
@@ -35,6 +38,11 @@ def planner(group: mx.distributed.Group, parallel: str = "tensor") -> Callable[[
         raise FoundryError(f"Unknown parallelism {parallel!r}; use one of {', '.join(STRATEGIES)}.")
 
     def make_plan(config: ModelConfig):
+        if config.model_type not in FAMILIES:
+            raise FoundryError(
+                f"Distributed inference does not support {config.model_type!r} models yet ({', '.join(FAMILIES)} only); "
+                "run it in one process."
+            )
         if parallel == "tensor":
             from .tensor_parallel import TensorPlan
 

@@ -104,3 +104,20 @@ def test_pipeline_layers_are_contiguous_and_cover_the_model():
     assert PipelinePlan(_config(tie_word_embeddings=True), 4, 5).keeps("model.embed_tokens.weight")
     with pytest.raises(FoundryError, match="without a layer"):
         PipelinePlan(_config(num_hidden_layers=2), 0, 3)
+
+
+def test_planner_refuses_families_without_hooks():
+    from foundry_mlx.distributed import planner
+
+    class Group:
+        def rank(self):
+            return 0
+
+        def size(self):
+            return 2
+
+    with pytest.raises(FoundryError, match="does not support 'gemma3'"):
+        planner(Group(), "tensor")(_config(model_type="gemma3"))
+    assert isinstance(planner(Group(), "pipeline")(_config()), PipelinePlan)
+    with pytest.raises(FoundryError, match="Unknown parallelism"):
+        planner(Group(), "expert")

@@ -135,7 +135,7 @@ def read_weights(
     """Every weight, converted, under its Hugging Face name (`quant.QuantizedWeight` or mx.array).
 
     `exact` loads the types with only a near affine form dense (see `quant.load_tensor`). `shard`
-    (a plan of `distributed.plan_for`) keeps and converts only this rank's part of each weight."""
+    (a plan from `distributed.planner`) keeps and converts only this rank's part of each weight."""
     weights: dict[str, Any] = {}
     names = [(name, hf_name(name)) for name in gguf.tensors]
     names = [(g, h) for g, h in names if h is not None and (shard is None or shard.keeps(h))]

@@ -140,7 +140,7 @@ def _replace(new: Path, target: Path) -> None:
 def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True, make_plan=None):
     """Load an mlx-lm / Hugging Face safetensors model directory; returns (model, tokenizer).
 
-    `make_plan(config)` (`distributed.plan_for`) gives the plan that keeps only this rank's part of
+    `make_plan(config)` (`distributed.planner`) gives the plan that keeps only this rank's part of
     each weight: the tensors are read lazily, so a rank holds only its part once built."""
     from ..tokenizer import Tokenizer
 
