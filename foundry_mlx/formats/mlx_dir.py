@@ -178,8 +178,10 @@ def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True, make_plan
     if make_plan is None:
         model = models.build(config, weights)
     else:
+        from ..distributed import shard_weights
+
         shard = make_plan(config)
-        weights = {n: shard.shard(n, w) for n, w in weights.items() if shard.keeps(n)}
-        model = shard.build(config, weights)
+        del raw  # so that each whole tensor is freed once its part is taken
+        model = shard.build(config, shard_weights(shard, weights))
     model.source = path
     return model, Tokenizer.from_directory(path)
