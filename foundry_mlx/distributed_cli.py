@@ -62,7 +62,8 @@ def options(command: Callable) -> Callable:
             type=float,
             default=300.0,
             show_default=True,
-            help="Seconds to wait for the other ranks (to join, or for one generation step) before stopping.",
+            help="Seconds to wait for the other ranks to join, or for one generation step (the first one "
+            "includes the prompt's prefill: raise it for long prompts on slow devices), before stopping.",
         ),
     ]
     for option in reversed(added):
