@@ -9,17 +9,30 @@ import sys
 
 import pytest
 from loopback import ROOT, run_ranks
-from tiny_models import TinySpec, write_tiny_model
+from tiny_models import TinySpec, llama_quantized_spec, write_tiny_model
 
 TIMEOUT = 120
 CLI = [sys.executable, "-m", "foundry_mlx"]
 
 
+SHAPE = dict(hidden=128, heads=8, head_dim=16, layers=4, ffn=256)  # splits over 2 ranks on groups of 32
+SPECS = {
+    # dense float32, 4 KV heads: KV heads split 2 + 2
+    "qwen2-gqa": TinySpec(kv_heads=4, seed=5, **SHAPE),
+    # quantized (Q5_K ffn_down cut mid-block), Q/K rows permuted by the converter, tied head, one KV
+    # head: replicated on both ranks
+    "llama-mqa": llama_quantized_spec(kv_heads=1, tied=True, **SHAPE),
+}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def any_tiny_path(request, tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp(request.param) / "tiny.gguf", SPECS[request.param]).path
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    # 8 heads over 4 KV heads, MLP 256: splits over 2 ranks on groups of 32; 4 layers for the pipeline.
-    spec = TinySpec(hidden=128, heads=8, kv_heads=4, head_dim=16, layers=4, ffn=256, seed=5)
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", spec).path
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", SPECS["qwen2-gqa"]).path
 
 
 def _single(args: list[str]) -> subprocess.CompletedProcess:
@@ -29,8 +42,8 @@ def _single(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
 @pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--temperature", "1.0", "--seed", "7"]], ids=["greedy", "seeded"])
-def test_rank_zero_prints_what_one_process_prints(tiny_path, tmp_path, parallel, sampling):
-    args = ["generate", "-m", str(tiny_path), "-p", "hello world", "-n", "12", "--json", *sampling]
+def test_rank_zero_prints_what_one_process_prints(any_tiny_path, tmp_path, parallel, sampling):
+    args = ["generate", "-m", str(any_tiny_path), "-p", "hello world", "-n", "12", "--json", *sampling]
     single = _single(args)
     assert single.returncode == 0, single.stderr
     ranks = run_ranks([CLI + args + ["--distributed", parallel]] * 2, tmp_path, TIMEOUT)
