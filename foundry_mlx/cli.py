@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import kernels, sources
+from . import distributed_cli, kernels, sources
 from .engine.sampling import SamplingParams
 from .errors import FoundryError
 
@@ -93,15 +93,17 @@ def _sampling(options: dict) -> SamplingParams:
     )
 
 
-def _load(options: dict):
+def _load(options: dict, run: distributed_cli.Run | None = None):
     from .loader import load
 
     if options["kernels"]:
         kernels.set_mode(options["kernels"])
     sampling = _sampling(options) if "temperature" in options else SamplingParams()
     sampling.validate()  # before a long load, not after
+    sharding = {"group": run.group, "parallel": run.parallel, "progress": run.primary} if run else {}
     model, tokenizer = load(
-        options["model"], dtype=options["dtype"], exact=options["exact"], chat_template=options.get("chat_template")
+        options["model"], dtype=options["dtype"], exact=options["exact"], chat_template=options.get("chat_template"),
+        **sharding,
     )
     kernels.active()  # fail now if --kernels custom cannot be honoured
     return model, tokenizer, sampling
@@ -133,6 +135,7 @@ def main() -> None:
 @main.command()
 @model_options
 @sampling_options
+@distributed_cli.options
 @click.option("--prompt", "-p", "prompts", multiple=True, help="A user turn; repeat for several turns. Without it: interactive.")
 @click.option("--system", "-s", default=None, help="System message.")
 @click.option("--no-stats", is_flag=True, help="Do not print the statistics line after each reply.")
@@ -149,26 +152,30 @@ def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options
     or the --prompt turns in order. Replies stream to stdout; statistics go to stderr."""
     from .engine.chat import Chat
 
-    model, tokenizer, sampling = _load(options)
+    run = distributed_cli.join(options)
+    quiet = run is not None and not run.primary  # only rank 0 speaks
+    model, tokenizer, sampling = _load(options, run)
     if tokenizer.chat_template is None:
         fallback = tokenizer.suggested_chat_template()
         tokenizer.set_chat_template(fallback)
         name = getattr(model.config, "name", "") or options["model"]
-        click.echo(
-            f"note: {name} has no chat template; using the built-in '{fallback}' template "
-            "(choose another with --chat-template).",
-            err=True,
-        )
+        if not quiet:
+            click.echo(
+                f"note: {name} has no chat template; using the built-in '{fallback}' template "
+                "(choose another with --chat-template).",
+                err=True,
+            )
     conversation = Chat(model, tokenizer, system=system)
 
     def turn(text: str) -> None:
         last = None
-        for response in conversation.send(text, options["max_tokens"], sampling, tuple(options["stop"])):
+        replies = conversation.send(text, options["max_tokens"], sampling, tuple(options["stop"]))
+        for response in distributed_cli.steps(run, replies):
             click.echo(response.text, nl=False)
             sys.stdout.flush()
             last = response
         click.echo()
-        if last is not None and not no_stats:
+        if last is not None and not no_stats and not quiet:
             click.echo(_stats_line(last), err=True)
 
     if prompts:
@@ -177,18 +184,19 @@ def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options
                 click.echo(f">>> {text}")
             turn(text)
         return
-    click.echo(f"Chatting with {getattr(model.config, 'name', '') or options['model']}. /reset starts over, /quit leaves.", err=True)
+    if not quiet:
+        click.echo(f"Chatting with {getattr(model.config, 'name', '') or options['model']}. /reset starts over, /quit leaves.", err=True)
     while True:
-        try:
-            text = input(">>> ")
-        except EOFError:
+        text = distributed_cli.read_line(run, ">>> ")
+        if text is None:
             click.echo()
             return
         if text.strip() in ("/quit", "/exit"):
             return
         if text.strip() == "/reset":
             conversation.reset()
-            click.echo("(conversation cleared)", err=True)
+            if not quiet:
+                click.echo("(conversation cleared)", err=True)
             continue
         if text.strip():
             turn(text)
@@ -197,6 +205,7 @@ def chat(prompts: tuple[str, ...], system: str | None, no_stats: bool, **options
 @main.command()
 @model_options
 @sampling_options
+@distributed_cli.options
 @click.option("--prompt", "-p", required=True, help="Text to continue ('-' reads standard input).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the text and the statistics.")
 @user_errors
@@ -204,13 +213,15 @@ def generate(prompt: str, as_json: bool, **options) -> None:
     """Continue raw text (no chat template)."""
     from .engine.generate import stream_generate
 
+    run = distributed_cli.join(options)
     if prompt == "-":
-        prompt = sys.stdin.read()
-    model, tokenizer, sampling = _load(options)
+        prompt = distributed_cli.read_all(run)
+    model, tokenizer, sampling = _load(options, run)
     pieces, last = [], None
-    for response in stream_generate(
+    responses = stream_generate(
         model, tokenizer, prompt, max_tokens=options["max_tokens"], sampling=sampling, stop=options["stop"]
-    ):
+    )
+    for response in distributed_cli.steps(run, responses):
         pieces.append(response.text)
         last = response
         if not as_json:
@@ -221,7 +232,8 @@ def generate(prompt: str, as_json: bool, **options) -> None:
         click.echo(json.dumps({"text": "".join(pieces), **stats, "kernels": kernels.backend_name()}))
     else:
         click.echo()
-        click.echo(_stats_line(last), err=True)
+        if run is None or run.primary:
+            click.echo(_stats_line(last), err=True)
 
 
 @main.command()

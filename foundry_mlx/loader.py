@@ -26,6 +26,8 @@ def load(
     progress: bool = True,
     exact: bool = False,
     chat_template: str | None = None,
+    group: mx.distributed.Group | None = None,
+    parallel: str = "tensor",
 ):
     """Load a model by alias, path, or hub id; returns `(model, tokenizer)`.
 
@@ -34,14 +36,18 @@ def load(
     types that have only a near affine form (Q6_K, Q2_K, Q3_K, IQ*) dense: exact, but larger.
     `chat_template` replaces the model's own: a built-in name (`chatml`, `gemma`), a Jinja file or
     Jinja source; a model without one (a base model) needs it for `apply_chat_template`.
+    With `group=mx.distributed.init()` of more than one process, each rank loads only its part:
+    `parallel="tensor"` (every layer split over the ranks) or `"pipeline"` (a range of layers each);
+    every rank then runs the same generate calls, with the same sampling seed.
     """
-    model, tokenizer = _load(name, dtype, progress, exact)
+    model, tokenizer = _load(name, dtype, progress, exact, group, parallel)
     if chat_template is not None:
         tokenizer.set_chat_template(chat_template)
     return model, tokenizer
 
 
-def _load(name: str, dtype: str | mx.Dtype | None, progress: bool, exact: bool):
+def _load(name: str, dtype: str | mx.Dtype | None, progress: bool, exact: bool,
+          group: mx.distributed.Group | None, parallel: str):
     from .tokenizer import Tokenizer
 
     if isinstance(dtype, str):
@@ -49,18 +55,24 @@ def _load(name: str, dtype: str | mx.Dtype | None, progress: bool, exact: bool):
             raise ModelFormatError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
     dtype = dtype or default_dtype()
+    make_plan = None
+    if group is not None and group.size() > 1:
+        from . import distributed
+
+        make_plan = distributed.planner(group, parallel)
     path = sources.resolve(name)
     if path.is_dir():
         from .formats.mlx_dir import load_directory
 
-        return load_directory(path, dtype, progress)
+        return load_directory(path, dtype, progress, make_plan)
     if path.suffix != ".gguf" and not _looks_like_gguf(path):
         raise ModelFormatError(f"{path} is neither a .gguf file nor a model directory.")
     gguf = GGUFFile(path)
     config = read_config(gguf)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    weights = read_weights(gguf, config, dtype, progress, exact)
-    model = models.build(config, weights)
+    plan = make_plan(config) if make_plan else None
+    weights = read_weights(gguf, config, dtype, progress, exact, plan)
+    model = plan.build(config, weights) if plan else models.build(config, weights)
     model.source = path
     return model, tokenizer
 

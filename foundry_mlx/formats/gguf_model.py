@@ -169,14 +169,15 @@ def _unpermute_rows(raw: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def read_weights(
-    gguf: GGUFFile, config: ModelConfig, dtype: mx.Dtype, progress: bool = True, exact: bool = False
+    gguf: GGUFFile, config: ModelConfig, dtype: mx.Dtype, progress: bool = True, exact: bool = False, shard=None
 ) -> dict[str, Any]:
     """Every weight, converted, under its Hugging Face name (`quant.QuantizedWeight` or mx.array).
 
-    `exact` loads the types with only a near affine form dense (see `quant.load_tensor`)."""
+    `exact` loads the types with only a near affine form dense (see `quant.load_tensor`). `shard`
+    (a plan from `distributed.planner`) keeps and converts only this rank's part of each weight."""
     weights: dict[str, Any] = {}
     names = [(name, hf_name(name, config.model_type)) for name in gguf.tensors]
-    names = [(g, h) for g, h in names if h is not None]
+    names = [(g, h) for g, h in names if h is not None and (shard is None or shard.keeps(h))]
     for gguf_name, name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, leave=False):
         info = gguf.tensors[gguf_name]
         raw = gguf.raw(gguf_name)
@@ -187,17 +188,23 @@ def read_weights(
             raw = quant.dequantize_numpy(raw, info.type, info.shape) - 1.0  # back to the HF weight
             weights[name] = mx.array(raw.astype(np.float32)).astype(dtype)
             continue
-        weights[name] = quant.load_tensor(raw, info.type, info.shape, dtype, exact=exact)
-    _check_complete(weights, config, gguf.path)
+        if shard is None:
+            weights[name] = quant.load_tensor(raw, info.type, info.shape, dtype, exact=exact)
+        else:
+            def load(part, shape, kind=info.type):
+                return quant.load_tensor(part, kind, shape, dtype, exact=exact)
+
+            weights[name] = shard.load_gguf(name, raw, info.type, info.shape, load)
+    _check_complete(weights, config, gguf.path, shard)
     return weights
 
 
-def _check_complete(weights: dict[str, Any], config: ModelConfig, path: Path) -> None:
+def _check_complete(weights: dict[str, Any], config: ModelConfig, path: Path, shard=None) -> None:
     needed = ["model.embed_tokens.weight", "model.norm.weight"]
     layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(config.model_type, _LAYER_NAMES)
     for i in range(config.num_hidden_layers):
         needed += [f"model.layers.{i}.{n}.weight" for n in layer_names.values()]
-    missing = [n for n in needed if n not in weights]
+    missing = [n for n in needed if n not in weights and (shard is None or shard.keeps(n))]
     if missing:
         raise ModelFormatError(
             f"{path.name} lacks {len(missing)} tensors the {config.model_type} architecture needs "

@@ -139,8 +139,11 @@ def _replace(new: Path, target: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True):
-    """Load an mlx-lm / Hugging Face safetensors model directory; returns (model, tokenizer)."""
+def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True, make_plan=None):
+    """Load an mlx-lm / Hugging Face safetensors model directory; returns (model, tokenizer).
+
+    `make_plan(config)` (`distributed.planner`) gives the plan that keeps only this rank's part of
+    each weight: the tensors are read lazily, so a rank holds only its part once built."""
     from ..tokenizer import Tokenizer
 
     config_path = path / "config.json"
@@ -174,6 +177,13 @@ def load_directory(path: Path, dtype: mx.Dtype, progress: bool = True):
             )
         else:
             weights[name] = tensor.astype(dtype)
-    model = models.build(config, weights)
+    if make_plan is None:
+        model = models.build(config, weights)
+    else:
+        from ..distributed import shard_weights
+
+        shard = make_plan(config)
+        del raw  # so that each whole tensor is freed once its part is taken
+        model = shard.build(config, shard_weights(shard, weights))
     model.source = path
     return model, Tokenizer.from_directory(path)

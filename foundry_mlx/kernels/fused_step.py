@@ -45,6 +45,8 @@ def unsupported_reason(model) -> str | None:
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in PLANNED_FAMILIES:
         return f"the fused step is planned for {', '.join(PLANNED_FAMILIES)}, not {family!r}"
+    if getattr(model, "parallel", None) is not None:
+        return "a sharded model (tensor or pipeline parallel) needs the model file's collectives"
     layers = getattr(model, "layers", None)
     if not layers or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "qkv_proj"):
         return "the model's layers are not the Qwen2 / Llama shape the fused step is planned for"

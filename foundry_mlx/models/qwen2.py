@@ -5,7 +5,9 @@ Read top to bottom: Attention → MLP → TransformerBlock → Model. The hot op
 `ops` (reference MLX ops or custom kernels); this file holds no kernel code. Two fusions shape
 the layers: Q, K and V are one matrix (one GEMV reads them all), and so are gate and up. Each
 RMSNorm is applied inside the projection that follows it and each residual add inside the
-projection that precedes it, so the decode step launches few kernels.
+projection that precedes it, so the decode step launches few kernels. O and down go through
+`all_sum_linear` and the LM head through `gather_norm_linear`: the `ops` calls, plus the sum or
+gather over ranks when `tensor_parallel` has sharded them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .. import ops
 from ..config import ModelConfig
 from ..engine.cache import KVCache
 from ..layers import Embedding, Linear, RoPE, attention_scale
+from ..tensor_parallel import all_sum_linear, gather_norm_linear
 
 
 class Attention(nn.Module):
@@ -43,7 +46,7 @@ class Attention(nn.Module):
         )
         k, v = cache.update_and_fetch(k, v)
         out = ops.attention(q, k, v, self.scale, mask, cache)
-        return ops.linear(out, self.o_proj, residual=x)
+        return all_sum_linear(out, self.o_proj, residual=x)
 
 
 class MLP(nn.Module):
@@ -57,7 +60,7 @@ class MLP(nn.Module):
     def __call__(self, h: mx.array) -> mx.array:
         """h + down(silu(gate(RMSNorm(h))) * up(RMSNorm(h)))."""
         activation = ops.norm_swiglu(h, self.norm_weight, self.eps, self.gate_up_proj)
-        return ops.linear(activation, self.down_proj, residual=h)
+        return all_sum_linear(activation, self.down_proj, residual=h)
 
 
 class TransformerBlock(nn.Module):
@@ -103,4 +106,4 @@ class Model(nn.Module):
         h = self.hidden(inputs, cache)
         if last_only:
             h = h[:, -1:, :]
-        return ops.norm_linear(h, self.norm_weight, self.config.rms_norm_eps, self.lm_head)
+        return gather_norm_linear(h, self.norm_weight, self.config.rms_norm_eps, self.lm_head)
