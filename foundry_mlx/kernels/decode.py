@@ -23,14 +23,7 @@ class KernelSet:
         kernel = self._kernels.get(variant)
         if kernel is None:
             kernel = self._kernels[variant] = qgemv.kernel_source(variant, self.backend).build(self.backend)
-        return kernel(
-            inputs=launch.inputs,
-            template=launch.template,
-            grid=launch.grid,
-            threadgroup=launch.threadgroup,
-            output_shapes=[launch.output_shape],
-            output_dtypes=[launch.output_dtype],
-        )[0]
+        return kernel(**launch.arguments())[0]
 
     def linear(
         self,

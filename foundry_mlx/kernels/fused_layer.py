@@ -30,10 +30,8 @@ completed on a GPU: the one run ran out of its time limit while MLX compiled the
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from . import qgemv, sdpa
-from .source import KernelSource, float_literal
+from .source import KernelSource, float_literal, literal_tag
 
 BLOCKS = 128
 WARPS = qgemv.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
@@ -80,10 +78,7 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
 
 
 def _gemv_constants(units: int, k: int, layer) -> tuple[dict, int]:
-    rows, warps_n, warps_k = qgemv.geometry(units, k, layer.bits)
-    constants = dict(BITS=layer.bits, GROUP=layer.group_size, K=k, UNITS=units, ROWS=rows, WARPS_N=warps_n,
-                     WARPS_K=warps_k, CHUNK=qgemv.chunk(layer.bits))
-    return constants, -(-units // (warps_n * rows))
+    return qgemv.shape_constants(units, k, layer.bits, layer.group_size)
 
 
 def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]]:
@@ -135,8 +130,7 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases"]
     shape = "_".join(str(v) for v in (qkv.bits, o_proj.bits, gate_up.bits, down.bits, hidden, ffn, heads, kv_heads,
                                       dims, capacity, int(has_bias)))
-    tag = (float_literal(attention.eps) + float_literal(mlp.eps) + float_literal(attention.scale)).replace(".", "p")
-    tag = tag.replace("-", "m").replace("+", "")
+    tag = "_".join(literal_tag(v) for v in (attention.eps, mlp.eps, attention.scale))
     name = f"foundry_layer_{shape}_{tag}"
     outputs = ("qkv", "attended", "h", "activated", "x_out")
     return KernelSource(name, tuple(inputs), outputs, "\n".join(phases), qgemv._HEADER["cuda"] + _HEADER), inputs
@@ -171,19 +165,9 @@ def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSour
     return source, kwargs
 
 
-def supported(model) -> bool:
-    """Whether every layer fits the kernel: quantized projections (checked by fused_step), x staged
-    in shared memory for both norms, a head dimension the attention body takes."""
-    hidden = model.layers[0].self_attn.o_proj.out_features
-    return hidden * 4 <= qgemv.MAX_STAGED_BYTES and sdpa.supported(model.layers[0].self_attn.rope.dims)
-
-
 def reference_layer(kernels, x, attention, mlp, state, keys, values):
     """The same layer as the fused step's five calls (any kernel set)."""
     qkv, keys, values = kernels.qkv(x, attention, state, keys, values)
     out = kernels.attention(qkv, attention, state, keys, values)
     h = kernels.residual(out, attention.o_proj, x)
     return kernels.residual(kernels.swiglu(h, mlp), mlp.down_proj, h), keys, values
-
-
-__all__ = ["BLOCKS", "launch_arguments", "layer_source", "reference_layer", "supported", "mx"]

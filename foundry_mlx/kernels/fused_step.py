@@ -86,9 +86,7 @@ class GpuKernels:
 
     def _gemv(self, variant: qgemv.Variant, eps: float | None, x: mx.array, layer: Linear, **kwargs) -> mx.array:
         launch = qgemv.launch(variant, x, layer.quantized, **kwargs)
-        kernel = self._kernel(qgemv.kernel_source(variant, self.backend, eps))
-        return kernel(inputs=launch.inputs, template=launch.template, grid=launch.grid, threadgroup=launch.threadgroup,
-                      output_shapes=[launch.output_shape], output_dtypes=[launch.output_dtype])[0]
+        return self._kernel(qgemv.kernel_source(variant, self.backend, eps))(**launch.arguments())[0]
 
     def embed(self, state: mx.array, table: Linear, dtype: mx.Dtype) -> mx.array:
         arguments = embed.launch_arguments(state, table.quantized if table.bits else table.weight, dtype)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from .source import KernelSource, float_literal, scalar
+from .source import KernelSource, float_literal, literal_tag, scalar
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,9 @@ _CACHE_WRITE = """
       if (row_a >= Q_ROWS) {
         const bool is_key = row_a < Q_ROWS + KV_ROWS;
         const int r = row_a - Q_ROWS - (is_key ? 0 : KV_ROWS);
-        MUTABLE(T, is_key ? k_cache : v_cache)[((long)(r / HEAD_DIM) * S + state[0]) * HEAD_DIM + r % HEAD_DIM] =
-            static_cast<T>(a);
-        MUTABLE(T, is_key ? k_cache : v_cache)[((long)(r / HEAD_DIM) * S + state[0]) * HEAD_DIM + r % HEAD_DIM + HALF] =
-            static_cast<T>(b);
+        const long at = ((long)(r / HEAD_DIM) * S + state[0]) * HEAD_DIM + r % HEAD_DIM;
+        MUTABLE(T, is_key ? k_cache : v_cache)[at] = static_cast<T>(a);
+        MUTABLE(T, is_key ? k_cache : v_cache)[at + HALF] = static_cast<T>(b);
       }"""
 
 
@@ -295,7 +294,7 @@ def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> K
     """The kernel for `backend`; a fused variant with a norm bakes `eps` into its source and name."""
     name = variant.name
     if variant.fused and variant.norm:
-        name += "_eps" + float_literal(eps).replace(".", "p").replace("-", "m").replace("+", "").rstrip("f")
+        name += "_eps" + literal_tag(eps)
     return KernelSource(name, variant.input_names(), ("y",), body(variant, eps), _HEADER[backend])
 
 
@@ -329,6 +328,20 @@ class Launch:
     threadgroup: tuple[int, int, int]
     output_shape: tuple[int, ...]
     output_dtype: mx.Dtype
+
+    def arguments(self) -> dict:
+        """The keyword arguments of the kernel object's call."""
+        return dict(inputs=self.inputs, template=self.template, grid=self.grid, threadgroup=self.threadgroup,
+                    output_shapes=[self.output_shape], output_dtypes=[self.output_dtype])
+
+
+def shape_constants(units: int, k: int, bits: int, group_size: int) -> tuple[dict[str, int], int]:
+    """The shape's template constants and the threadgroups that cover its units: one place for the
+    geometry → template mapping (the per-kernel launch and the layer kernel's phases both use it)."""
+    rows, warps_n, warps_k = geometry(units, k, bits)
+    constants = dict(BITS=bits, GROUP=group_size, K=k, UNITS=units, ROWS=rows, WARPS_N=warps_n, WARPS_K=warps_k,
+                     CHUNK=chunk(bits))
+    return constants, -(-units // (warps_n * rows))
 
 
 def launch(
@@ -373,15 +386,10 @@ def launch(
             index = position if isinstance(position, mx.array) else scalar(position, mx.int32)
             inputs += [inv_freq, index]
     units = n_rows // variant.rows_per_unit
-    rows, warps_n, warps_k = geometry(units, k, weight.bits)
     if variant.norm and k * dtype.size > MAX_STAGED_BYTES:
         raise ValueError(f"K={k} is too wide to stage in shared memory; use the reference path")
-    groups = -(-units // (warps_n * rows))
-    template = [
-        ("T", dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("K", k), ("UNITS", units),
-        ("ROWS", rows), ("WARPS_N", warps_n), ("WARPS_K", warps_k), ("CHUNK", chunk(weight.bits)), ("HALF", max(half, 1)),
-        ("ROPE_ROWS", rope_rows),
-    ] + cache_template
+    constants, groups = shape_constants(units, k, weight.bits, weight.group_size)
+    template = [("T", dtype), *constants.items(), ("HALF", max(half, 1)), ("ROPE_ROWS", rope_rows)] + cache_template
     out = (units,) if variant.swiglu else (n_rows,)
     threads = WARPS * 32
     return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), out, dtype)

@@ -23,7 +23,7 @@ import math
 
 import mlx.core as mx
 
-from .source import KernelSource, float_literal, scalar
+from .source import KernelSource, float_literal, literal_tag, scalar
 
 DIMS_PER_LANE = 8
 
@@ -121,45 +121,39 @@ def fused_source(scale: float) -> KernelSource:
     """The fused decode step's form: the query is the head of the fused QKV kernel's output (Q rows
     come first), the valid length is the step's position + 1 read from its device-resident `state`,
     and the scale is baked into the source (no 0-d inputs: MLX keeps those in managed memory)."""
-    literal = float_literal(scale)
-    body = BODY.replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)", literal)
-    name = "foundry_decode_attention_fused_s" + literal.replace(".", "p").replace("-", "m").replace("+", "").rstrip("f")
-    return KernelSource(name, ("q", "keys", "values", "state"), ("out",), body)
+    body = BODY.replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)", float_literal(scale))
+    return KernelSource("foundry_decode_attention_fused_s" + literal_tag(scale), ("q", "keys", "values", "state"),
+                        ("out",), body)
 
 
 def fused_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, heads: int) -> dict:
     """Keyword arguments for `fused_source`'s kernel: attention of `heads` query heads over the
     first state[0] + 1 positions of the (1, kv_heads, S, D) buffers."""
+    return _launch([qkv, keys, values, state], qkv.dtype, heads, keys)
+
+
+def _launch(inputs: list, dtype: mx.Dtype, heads: int, keys: mx.array) -> dict:
+    """The call's keyword arguments for `heads` query heads over `keys`' (1, kv_heads, S, D) buffer."""
     _, kv_heads, length, head_dim = keys.shape
+    if head_dim % DIMS_PER_LANE or 32 % (head_dim // DIMS_PER_LANE) or heads % kv_heads:
+        raise ValueError(f"decode attention needs head_dim in (8, 16, 32, 64, 128, 256); got {head_dim}")
     warps = warps_for(length)
     return dict(
-        inputs=[qkv, keys, values, state],
-        template=[("T", qkv.dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
+        inputs=inputs,
+        template=[("T", dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
                   ("WARPS", warps)],
         grid=(heads * warps * 32, 1, 1),
         threadgroup=(warps * 32, 1, 1),
         output_shapes=[(heads * head_dim,)],
-        output_dtypes=[qkv.dtype],
+        output_dtypes=[dtype],
     )
 
 
 def launch_arguments(q: mx.array, keys: mx.array, values: mx.array, valid: mx.array, scale: float) -> dict:
     """Keyword arguments for the MLX kernel call. `keys`/`values`: (1, kv_heads, S, D) buffers;
     `valid`: 0-d int32, how many positions (from 0) hold keys; `q`: n_heads * D values."""
-    _, kv_heads, length, head_dim = keys.shape
-    heads = q.size // head_dim
-    if head_dim % DIMS_PER_LANE or 32 % (head_dim // DIMS_PER_LANE) or heads % kv_heads:
-        raise ValueError(f"decode attention needs head_dim in (8, 16, 32, 64, 128, 256); got {head_dim}")
-    warps = warps_for(length)
-    return dict(
-        inputs=[q.reshape(-1), keys, values, valid, scalar(scale, mx.float32)],
-        template=[("T", q.dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
-                  ("WARPS", warps)],
-        grid=(heads * warps * 32, 1, 1),
-        threadgroup=(warps * 32, 1, 1),
-        output_shapes=[(heads * head_dim,)],
-        output_dtypes=[q.dtype],
-    )
+    heads = q.size // keys.shape[3]
+    return _launch([q.reshape(-1), keys, values, valid, scalar(scale, mx.float32)], q.dtype, heads, keys)
 
 
 def supported(head_dim: int) -> bool:

@@ -117,6 +117,12 @@ def float_literal(value: float) -> str:
     return text + "f"
 
 
+def literal_tag(value: float) -> str:
+    """`float_literal(value)` as identifier characters, for kernel names (`1e-06` → `1em06`): every
+    distinct source needs a distinct name, and a baked-in constant makes a distinct source."""
+    return float_literal(value).rstrip("f").replace(".", "p").replace("-", "m").replace("+", "")
+
+
 _scalars: dict[tuple, object] = {}
 
 

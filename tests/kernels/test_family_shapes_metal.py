@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from foundry_mlx.kernels import qgemv, sdpa
-from foundry_mlx.kernels.metal_sim import run_metal_kernel
 
+from .metal_runs import run_source, sampled_rows
 from .qgemv_cases import Case, compare, make_inputs, reference_inputs
 
 NORM, PLAIN = qgemv.Variant(norm=True), qgemv.Variant()
@@ -39,19 +39,10 @@ def test_metal_gemv_at_family_shapes(case):
     kwargs = make_inputs(case)
     launch = qgemv.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    source = qgemv.kernel_source(case.variant, "metal")
-    header, body = source.render("metal")
-    (output,) = run_metal_kernel(
-        source.name, case.variant.input_names(), ["y"], body, header, [np.array(a) for a in launch.inputs],
-        [launch.output_shape], [launch.output_dtype], launch.grid, launch.threadgroup,
-        template=launch.template, groups=case.sample_groups,
-    )
+    (output,) = run_source(qgemv.kernel_source(case.variant, "metal"), launch.arguments(), groups=case.sample_groups)
     rows = None
     if case.sample_groups is not None:
-        template = dict(launch.template)
-        per_group = template["WARPS_N"] * template["ROWS"]
-        rows = np.concatenate([np.arange(g * per_group, min((g + 1) * per_group, launch.output_shape[0]))
-                               for g in case.sample_groups])
+        rows = sampled_rows(launch.template, launch.output_shape[0], case.sample_groups)
         assert rows.max() < launch.output_shape[0] and len(rows) > 0
     compare(case, output, reference, rows)
 
@@ -73,10 +64,5 @@ def test_metal_decode_attention_at_family_shapes(case):
     values = mx.array(rng.standard_normal((1, kv_heads, length, head_dim)).astype(np.float32))
     scale = head_dim**-0.5
     arguments = sdpa.launch_arguments(q, keys, values, mx.array(valid, dtype=mx.int32), scale)
-    header, source = sdpa.SOURCE.render("metal")
-    (out,) = run_metal_kernel(
-        sdpa.SOURCE.name, sdpa.SOURCE.input_names, sdpa.SOURCE.output_names, source, header,
-        [np.array(a) for a in arguments["inputs"]], arguments["output_shapes"], arguments["output_dtypes"],
-        arguments["grid"], arguments["threadgroup"], template=arguments["template"],
-    )
+    (out,) = run_source(sdpa.SOURCE, arguments)
     np.testing.assert_allclose(out, np.array(sdpa.reference(q, keys, values, valid, scale)), rtol=1e-4, atol=1e-5)

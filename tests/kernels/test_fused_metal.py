@@ -8,24 +8,19 @@ import numpy as np
 import pytest
 
 from foundry_mlx.kernels import embed, sample, sdpa
-from foundry_mlx.kernels.metal_sim import run_metal_kernel
+
+from .metal_runs import run_source
 
 VOCAB = 3000
 THREADS = 64  # the harness runs one OS thread per GPU thread: a small threadgroup, same algorithm
 
 
 def _metal_draw(logits: np.ndarray, params, seed: int, counter: int, recent: list[int], schedule="concurrent"):
-    source = sample.kernel_source("metal")
-    header, body = source.render("metal")
     ring = np.array((recent + [0] * 16)[:16], dtype=np.int32)
     arguments = sample.launch_arguments(mx.array(logits), sample.make_params(*params),
                                         sample.make_state(7, 0, counter, seed, len(recent)), mx.array(ring), "metal",
                                         threads=THREADS)
-    next_state, token, _ = run_metal_kernel(
-        source.name, source.input_names, source.output_names, body, header, [np.array(a) for a in arguments["inputs"]],
-        arguments["output_shapes"], arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
-        template=arguments["template"], schedule=schedule,
-    )
+    next_state, token, _ = run_source(sample.kernel_source("metal"), arguments, schedule=schedule)
     return int(token[0]), next_state
 
 
@@ -60,13 +55,7 @@ def test_metal_embedding_kernel_dequantizes_the_state_token():
 
     quantized = QuantizedWeight(weight, scales, biases, 4, 32)
     state = sample.make_state(3, 17, 0, 0, 0)
-    arguments = embed.launch_arguments(state, quantized, mx.float32)
-    source = embed.kernel_source()
-    header, body = source.render("metal")
-    (x,) = run_metal_kernel(source.name, source.input_names, source.output_names, body, header,
-                            [np.array(a) for a in arguments["inputs"]], arguments["output_shapes"],
-                            arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
-                            template=arguments["template"])
+    (x,) = run_source(embed.kernel_source(), embed.launch_arguments(state, quantized, mx.float32))
     expected = np.array(mx.dequantize(weight[17:18], scales[17:18], biases[17:18], group_size=32, bits=4))[0]
     np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
 
@@ -78,12 +67,6 @@ def test_metal_fused_attention_reads_the_query_from_qkv_and_the_length_from_stat
     keys = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     values = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     state = sample.make_state(position, 0, 0, 0, 0)
-    source = sdpa.fused_source(0.17)
-    arguments = sdpa.fused_launch_arguments(qkv, keys, values, state, heads)
-    header, body = source.render("metal")
-    (out,) = run_metal_kernel(source.name, source.input_names, source.output_names, body, header,
-                              [np.array(a) for a in arguments["inputs"]], arguments["output_shapes"],
-                              arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
-                              template=arguments["template"])
+    (out,) = run_source(sdpa.fused_source(0.17), sdpa.fused_launch_arguments(qkv, keys, values, state, heads))
     expected = np.array(sdpa.reference(qkv[: heads * dims], keys, values, position + 1, 0.17))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from foundry_mlx.kernels import qgemv
-from foundry_mlx.kernels.metal_sim import bfloat16_array, bfloat16_to_float32, run_metal_kernel
+from foundry_mlx.kernels.metal_sim import bfloat16_to_float32, run_metal_kernel
 
+from .metal_runs import run_source, sampled_rows, to_numpy
 from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
-
-
-def to_numpy(array: mx.array):
-    if array.dtype == mx.bfloat16:
-        return bfloat16_array(np.array(array.astype(mx.float32)))
-    return np.array(array)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -23,28 +17,11 @@ def test_metal_gemv_matches_reference(case):
     kwargs = make_inputs(case)
     launch = qgemv.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    header, source = qgemv.kernel_source(case.variant, "metal").render("metal")
-    (output,) = run_metal_kernel(
-        qgemv.kernel_source(case.variant, "metal").name,
-        case.variant.input_names(),
-        ["y"],
-        source,
-        header,
-        [to_numpy(a) for a in launch.inputs],
-        [launch.output_shape],
-        [launch.output_dtype],
-        launch.grid,
-        launch.threadgroup,
-        template=launch.template,
-        groups=case.sample_groups,
-    )
+    (output,) = run_source(qgemv.kernel_source(case.variant, "metal"), launch.arguments(), groups=case.sample_groups)
     output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
     rows = None
     if case.sample_groups is not None:
-        template = dict(launch.template)
-        per_group = template["WARPS_N"] * template["ROWS"]
-        rows = np.concatenate([np.arange(g * per_group, min((g + 1) * per_group, launch.output_shape[0]))
-                               for g in case.sample_groups])
+        rows = sampled_rows(launch.template, launch.output_shape[0], case.sample_groups)
     compare(case, output, reference, rows)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from foundry_mlx import kernels
 from foundry_mlx.kernels import sdpa
-from foundry_mlx.kernels.metal_sim import run_metal_kernel
+
+from .metal_runs import run_source
 
 # (heads, kv_heads, head_dim, buffer length, valid positions): Qwen2.5-0.5B (14/2, 64), 7B (28/4, 128),
 # a buffer far longer than its valid part, a single valid position, MHA without grouping.
@@ -30,12 +31,7 @@ def test_metal_decode_attention_matches_mlx(case):
     q, keys, values = inputs(heads, kv_heads, head_dim, length)
     scale = sdpa.default_scale(head_dim)
     arguments = sdpa.launch_arguments(q, keys, values, mx.array(valid, dtype=mx.int32), scale)
-    header, source = sdpa.SOURCE.render("metal")
-    (out,) = run_metal_kernel(
-        sdpa.SOURCE.name, sdpa.SOURCE.input_names, sdpa.SOURCE.output_names, source, header,
-        [np.array(a) for a in arguments["inputs"]], arguments["output_shapes"], arguments["output_dtypes"],
-        arguments["grid"], arguments["threadgroup"], template=arguments["template"],
-    )
+    (out,) = run_source(sdpa.SOURCE, arguments)
     expected = np.array(sdpa.reference(q, keys, values, valid, scale))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -45,12 +41,7 @@ def test_positions_past_the_valid_length_are_ignored():
     q, keys, values = inputs(4, 2, 64, 256)
     poisoned_keys = mx.concatenate([keys[:, :, :10], mx.full((1, 2, 246, 64), mx.inf)], axis=2)
     arguments = sdpa.launch_arguments(q, poisoned_keys, values, mx.array(10, dtype=mx.int32), 0.125)
-    header, source = sdpa.SOURCE.render("metal")
-    (out,) = run_metal_kernel(
-        sdpa.SOURCE.name, sdpa.SOURCE.input_names, sdpa.SOURCE.output_names, source, header,
-        [np.array(a) for a in arguments["inputs"]], arguments["output_shapes"], arguments["output_dtypes"],
-        arguments["grid"], arguments["threadgroup"], template=arguments["template"],
-    )
+    (out,) = run_source(sdpa.SOURCE, arguments)
     np.testing.assert_allclose(out, np.array(sdpa.reference(q, keys, values, 10, 0.125)), rtol=1e-4, atol=1e-5)
 
 
