@@ -44,6 +44,11 @@ class Linear(nn.Module):
         return quant.QuantizedWeight(self.weight, self.scales, self.biases, self.bits, self.group_size)
 
     @property
+    def stored(self) -> quant.QuantizedWeight | mx.array:
+        """The matrix as it is held: the quantized form, or the dense array (what `convert` writes)."""
+        return self.quantized if self.bits is not None else self.weight
+
+    @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 

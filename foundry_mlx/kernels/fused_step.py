@@ -89,7 +89,7 @@ class GpuKernels:
         return self._kernel(qgemv.kernel_source(variant, self.backend, eps))(**launch.arguments())[0]
 
     def embed(self, state: mx.array, table: Linear, dtype: mx.Dtype) -> mx.array:
-        arguments = embed.launch_arguments(state, table.quantized if table.bits else table.weight, dtype)
+        arguments = embed.launch_arguments(state, table.stored, dtype)
         return self._kernel(embed.kernel_source())(**arguments)[0]
 
     def qkv(self, x, attention, state, keys, values):

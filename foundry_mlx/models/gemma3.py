@@ -190,11 +190,11 @@ class Model(nn.Module):
         """The weights under Hugging Face / mlx-lm names (fused projections split, norms as stored)."""
         config = self.config
         weights: dict[str, Any] = {
-            "model.embed_tokens.weight": _weight_of(self.embed_tokens.table),
+            "model.embed_tokens.weight": self.embed_tokens.table.stored,
             "model.norm.weight": self.norm_weight - 1.0,
         }
         if self.lm_head is not self.embed_tokens.table:
-            weights["lm_head.weight"] = _weight_of(self.lm_head)
+            weights["lm_head.weight"] = self.lm_head.stored
         q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         for index, layer in enumerate(self.layers):
             prefix, attention, mlp = f"model.layers.{index}", layer.self_attn, layer.mlp
@@ -208,15 +208,11 @@ class Model(nn.Module):
             }
             for name, weight in norms.items():
                 weights[f"{prefix}.{name}.weight"] = weight - 1.0
-            for name, part in zip("qkv", quant.split_rows(_weight_of(attention.qkv_proj), [q_rows, kv_rows, kv_rows])):
+            for name, part in zip("qkv", quant.split_rows(attention.qkv_proj.stored, [q_rows, kv_rows, kv_rows])):
                 weights[f"{prefix}.self_attn.{name}_proj.weight"] = part
-            weights[f"{prefix}.self_attn.o_proj.weight"] = _weight_of(attention.o_proj)
-            gate, up = quant.split_rows(_weight_of(mlp.gate_up_proj), [config.intermediate_size] * 2)
+            weights[f"{prefix}.self_attn.o_proj.weight"] = attention.o_proj.stored
+            gate, up = quant.split_rows(mlp.gate_up_proj.stored, [config.intermediate_size] * 2)
             weights[f"{prefix}.mlp.gate_proj.weight"] = gate
             weights[f"{prefix}.mlp.up_proj.weight"] = up
-            weights[f"{prefix}.mlp.down_proj.weight"] = _weight_of(mlp.down_proj)
+            weights[f"{prefix}.mlp.down_proj.weight"] = mlp.down_proj.stored
         return weights
-
-
-def _weight_of(linear: Linear) -> Any:
-    return linear.quantized if linear.bits is not None else linear.weight
