@@ -1,0 +1,118 @@
+"""Where the fused decode step's time goes on the GPU machine: host work vs device work.
+
+Two measurements, each printed as one JSON line (run it once per MLX setting: MLX reads
+MLX_USE_CUDA_GRAPHS / MLX_MAX_OPS_PER_BUFFER when it starts):
+
+* `step`: a random-weight model decodes greedily through the fused step (kernels/fused_step.py).
+  `host_us` is the Python + MLX time to queue one step (`advance` + `mx.async_eval`), `wall_us`
+  the time per token with every step queued ahead and read once at the end. `wall_us` close to
+  `host_us` means the host sets the speed; well above it, the device does.
+* `chain`: N trivial custom kernels in one compiled function, with a short source and with the
+  same source padded to the size of the fused step's kernels: host µs per node, and whether the
+  source's length costs anything (MLX hashes each kernel's whole source at every launch).
+
+    python benchmarks/step_overheads.py /tmp/random-qwen2.5-0.5b-4bit --depths 0,2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def step_times(model, depth: int, tokens: int, trials: int) -> dict:
+    from foundry_mlx.engine.decoder import fused_decoder_for
+    from foundry_mlx.engine.sampling import SamplingParams
+
+    fused = fused_decoder_for(model)
+    if fused is None:
+        return {"error": "the fused step does not run here"}
+    walls, hosts = [], []
+    for _ in range(trials + 1):  # the first trial compiles and warms up
+        cache = model.make_cache()
+        for layer_cache in cache:
+            layer_cache.reserve(depth + tokens + 2)
+        prompt = mx.array([[(7 * i) % 1000 + 1 for i in range(depth + 1)]])
+        logits = model(prompt, cache, last_only=True)[:, -1, :]
+        token = fused.start(cache, logits, SamplingParams(), [], 0)
+        mx.eval(token, fused.state, [c.keys for c in cache])
+        host = 0.0
+        start = time.perf_counter()
+        for _ in range(tokens):
+            queued = time.perf_counter()
+            token = fused.advance()
+            mx.async_eval(token)
+            host += time.perf_counter() - queued
+        token.item()
+        walls.append((time.perf_counter() - start) / tokens * 1e6)
+        hosts.append(host / tokens * 1e6)
+    return {"depth": depth, "wall_us": round(_median(walls[1:]), 1), "host_us": round(_median(hosts[1:]), 1),
+            "tok_s": round(1e6 / _median(walls[1:]), 1)}
+
+
+def chain_times(nodes: int, padding: int, trials: int = 20) -> dict:
+    body = "uint i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 256) out[i] = x[i] + 1.0f;"
+    header = "// " + "x" * padding + "\n" if padding else ""
+    kernel = mx.fast.cuda_kernel(name=f"chain_{padding}", input_names=["x"], output_names=["out"],
+                                 source=body, header=header)
+
+    def chain(x):
+        for _ in range(nodes):
+            x = kernel(inputs=[x], grid=(256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(256,)],
+                       output_dtypes=[mx.float32])[0]
+        return x
+
+    step = mx.compile(chain)
+    x = mx.zeros((256,))
+    mx.eval(step(x))
+    hosts, walls = [], []
+    for _ in range(trials):
+        start = time.perf_counter()
+        y = step(x)
+        mx.async_eval(y)
+        queued = time.perf_counter()
+        mx.eval(y)
+        hosts.append((queued - start) / nodes * 1e6)
+        walls.append((time.perf_counter() - start) / nodes * 1e6)
+    return {"nodes": nodes, "padding": padding, "host_us_per_node": round(_median(hosts), 2),
+            "wall_us_per_node": round(_median(walls), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="model directory (random weights are fine)")
+    parser.add_argument("--depths", default="0,2048")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--chain", action="store_true", help="also time chains of trivial kernels")
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
+    setting = {key: os.environ[key] for key in sorted(os.environ) if key.startswith(("MLX_", "FOUNDRY_"))}
+    if args.model:
+        from foundry_mlx.loader import load
+
+        model, _ = load(args.model)
+        for depth in (int(d) for d in args.depths.split(",")):
+            print(json.dumps({"label": args.label, "kind": "step", **setting,
+                              **step_times(model, depth, args.tokens, args.trials)}), flush=True)
+    if args.chain:
+        for padding in (0, 8000):
+            print(json.dumps({"label": args.label, "kind": "chain", **setting,
+                              **chain_times(120, padding)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
