@@ -121,7 +121,8 @@ def compile_layer(args, scratch: Path) -> bool:
         types = {n: "uint32" if n.endswith("_w") else "float16" for n in names}
         types |= {"inv_freq": "float32", "state": "int32"}
         failed |= _compile(args, scratch, f"layer kernel bits {bits}/{down_bits}", f"layer_{bits}_{down_bits}", source,
-                           types, [(n, "float16") for n in source.output_names], [("T", "float16")])
+                           types, [(n, "float32" if n == "attn_parts" else "float16") for n in source.output_names],
+                           [("T", "float16")])
     return failed
 
 

@@ -30,6 +30,8 @@ completed on a GPU: the one run ran out of its time limit while MLX compiled the
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from . import qgemv, sdpa
 from .source import KernelSource, float_literal, literal_tag
 
@@ -55,6 +57,15 @@ __device__ __forceinline__ void foundry_grid_sync() {
     __threadfence();
   }
   __syncthreads();
+}
+// Ask L2 for `bytes` from `base`, spread over the whole grid (one 128-byte line per thread and
+// round): issued at the layer's start for the weights of the later phases and the cached K/V, so
+// their DRAM reads overlap the first phases instead of waiting behind each grid barrier.
+__device__ __forceinline__ void foundry_prefetch_l2(const void* base, long bytes) {
+  const char* p = static_cast<const char*>(base);
+  const long stride = (long)gridDim.x * blockDim.x * 128;
+  for (long at = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 128; at < bytes; at += stride)
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p + at));
 }
 """
 
@@ -100,13 +111,17 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
         pointers.append(("const T*", "bias", "qkv_bias"))
     phases.append(_scope(constants, pointers, groups,
                          qgemv.body(variant, attention.eps)))
-    # 2. Attention of every query head over the first state[0] + 1 positions.
-    body = sdpa.BODY.replace("SCALAR(valid)", "(state[0] + 1)").replace(
+    # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
+    # split into SPLITS shares (one virtual threadgroup each), then the shares merged per head.
+    splits = attention_splits(heads)
+    body = sdpa.split_body().replace("SCALAR(valid)", "(state[0] + 1)").replace(
         "SCALAR(softmax_scale)", float_literal(attention.scale))
-    constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=capacity, WARPS=WARPS)
+    constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=capacity, WARPS=WARPS, SPLITS=splits)
     pointers = [("const T*", "q", "qkv"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
-                ("T*", "out", "attended")]
-    phases.append(_scope(constants, pointers, heads, body))
+                ("float*", "parts", "attn_parts")]
+    phases.append(_scope(constants, pointers, heads * splits, body))
+    pointers = [("const float*", "parts", "attn_parts"), ("T*", "out", "attended")]
+    phases.append(_scope(dict(D=dims, SPLITS=splits), pointers, heads, sdpa.MERGE_BODY))
     # 3. o_proj + residual (the layer's input).
     constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
     # `residual` first: it names the layer's input before `x` is rebound to the attention output.
@@ -125,6 +140,7 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
     pointers = [("const T*", "x", "activated"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "h"), ("T*", "y", "x_out")]
     phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), sync=False))
+    prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims, capacity)
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases"]
@@ -132,8 +148,30 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
                                       dims, capacity, int(has_bias)))
     tag = "_".join(literal_tag(v) for v in (attention.eps, mlp.eps, attention.scale))
     name = f"foundry_layer_{shape}_{tag}"
-    outputs = ("qkv", "attended", "h", "activated", "x_out")
-    return KernelSource(name, tuple(inputs), outputs, "\n".join(phases), qgemv._HEADER["cuda"] + _HEADER), inputs
+    outputs = ("qkv", "attended", "h", "activated", "x_out", "attn_parts")
+    body = prefetch + "\n".join(phases)
+    return KernelSource(name, tuple(inputs), outputs, body, qgemv._HEADER["cuda"] + _HEADER), inputs
+
+
+def attention_splits(heads: int) -> int:
+    """Shares of the positions per head in the attention phase: enough to give every block one."""
+    return max(1, min(16, BLOCKS // heads))
+
+
+def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int, capacity: int) -> str:
+    lines = []
+    for prefix, layer in (("o", o_proj), ("gate_up", gate_up), ("down", down)):
+        rows, columns = layer.out_features, layer.in_features
+        groups = rows * (columns // layer.group_size)
+        lines.append(f"  foundry_prefetch_l2({prefix}_w, {rows * columns * layer.bits // 8}l);")
+        lines.append(f"  foundry_prefetch_l2({prefix}_scales, {groups}l * (long)sizeof(T));")
+        lines.append(f"  foundry_prefetch_l2({prefix}_biases, {groups}l * (long)sizeof(T));")
+    lines.append(f"  for (int h = 0; h < {kv_heads}; ++h) {{")
+    lines.append(f"    const long offset = (long)h * {capacity * dims}, bytes = (long)state[0] * {dims} * (long)sizeof(T);")
+    lines.append("    foundry_prefetch_l2(k_cache + offset, bytes);")
+    lines.append("    foundry_prefetch_l2(v_cache + offset, bytes);")
+    lines.append("  }")
+    return "\n".join(lines) + "\n"
 
 
 def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSource, dict]:
@@ -159,8 +197,9 @@ def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSour
         template=[("T", x.dtype)],
         grid=(BLOCKS * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(qkv.out_features,), (heads * dims,), (hidden,), (down.in_features,), (hidden,)],
-        output_dtypes=[x.dtype] * 5,
+        output_shapes=[(qkv.out_features,), (heads * dims,), (hidden,), (down.in_features,), (hidden,),
+                       (heads * attention_splits(heads) * (dims + 2),)],
+        output_dtypes=[x.dtype] * 5 + [mx.float32],
     )
     return source, kwargs
 
