@@ -7,6 +7,8 @@ MLX_USE_CUDA_GRAPHS / MLX_MAX_OPS_PER_BUFFER when it starts):
   `host_us` is the Python + MLX time to queue one step (`advance` + `mx.async_eval`), `wall_us`
   the time per token with every step queued ahead and read once at the end. `wall_us` close to
   `host_us` means the host sets the speed; well above it, the device does.
+  `idle_*`: one step queued on an idle device: building it (`idle_call_us`), queueing it
+  (`idle_host_us`, both), then waiting for its token (`idle_wait_us`).
 * `chain`: N trivial custom kernels in one compiled function, with a short source and with the
   same source padded to the size of the fused step's kernels: host µs per node, and whether the
   source's length costs anything (MLX hashes each kernel's whole source at every launch).
@@ -40,7 +42,7 @@ def step_times(model, depth: int, tokens: int, trials: int) -> dict:
     fused = fused_decoder_for(model)
     if fused is None:
         return {"error": "the fused step does not run here"}
-    walls, hosts, idle = [], [], []
+    walls, hosts, idle, calls, waits = [], [], [], [], []
     for _ in range(trials + 1):  # the first trial compiles and warms up
         cache = model.make_cache()
         for layer_cache in cache:
@@ -63,23 +65,33 @@ def step_times(model, depth: int, tokens: int, trials: int) -> dict:
         for _ in range(16):
             queued = time.perf_counter()
             token = fused.advance()
+            built = time.perf_counter()
             mx.async_eval(token)
-            idle.append((time.perf_counter() - queued) * 1e6)
+            done = time.perf_counter()
+            idle.append((done - queued) * 1e6)
+            calls.append((built - queued) * 1e6)
             token.item()
+            waits.append((time.perf_counter() - done) * 1e6)
     return {"depth": depth, "wall_us": round(_median(walls[1:]), 1), "host_us": round(_median(hosts[1:]), 1),
-            "idle_host_us": round(_median(idle[16:]), 1), "tok_s": round(1e6 / _median(walls[1:]), 1)}
+            "idle_host_us": round(_median(idle[16:]), 1), "idle_call_us": round(_median(calls[16:]), 1),
+            "idle_wait_us": round(_median(waits[16:]), 1), "tok_s": round(1e6 / _median(walls[1:]), 1)}
 
 
-def chain_times(nodes: int, padding: int, trials: int = 20) -> dict:
+def chain_times(nodes: int, padding: int, extra_inputs: int = 0, extra_outputs: int = 0, trials: int = 20) -> dict:
+    """N kernels in a chain; each also takes `extra_inputs` 1 MB buffers and writes `extra_outputs`
+    small ones (the layer kernel takes 20 inputs and writes 6 outputs)."""
     body = "unsigned int i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 256) out[i] = x[i] + 1.0f;"
     header = "// " + "x" * padding + "\n" if padding else ""
-    kernel = mx.fast.cuda_kernel(name=f"chain_{padding}", input_names=["x"], output_names=["out"],
-                                 source=body, header=header)
+    inputs = ["x"] + [f"in{i}" for i in range(extra_inputs)]
+    outputs = ["out"] + [f"out{i}" for i in range(extra_outputs)]
+    kernel = mx.fast.cuda_kernel(name=f"chain_{padding}_{extra_inputs}_{extra_outputs}", input_names=inputs,
+                                 output_names=outputs, source=body, header=header)
+    buffers = [mx.zeros((1 << 18,)) for _ in range(extra_inputs)]
 
     def chain(x):
         for _ in range(nodes):
-            x = kernel(inputs=[x], grid=(256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(256,)],
-                       output_dtypes=[mx.float32])[0]
+            x = kernel(inputs=[x, *buffers], grid=(256, 1, 1), threadgroup=(256, 1, 1),
+                       output_shapes=[(256,)] * len(outputs), output_dtypes=[mx.float32] * len(outputs))[0]
         return x
 
     step = mx.compile(chain)
@@ -94,7 +106,8 @@ def chain_times(nodes: int, padding: int, trials: int = 20) -> dict:
         mx.eval(y)
         hosts.append((queued - start) / nodes * 1e6)
         walls.append((time.perf_counter() - start) / nodes * 1e6)
-    return {"nodes": nodes, "padding": padding, "host_us_per_node": round(_median(hosts), 2),
+    return {"nodes": nodes, "padding": padding, "extra_inputs": extra_inputs, "extra_outputs": extra_outputs,
+            "host_us_per_node": round(_median(hosts), 2),
             "wall_us_per_node": round(_median(walls), 2)}
 
 
@@ -116,9 +129,10 @@ def main() -> None:
             print(json.dumps({"label": args.label, "kind": "step", **setting,
                               **step_times(model, depth, args.tokens, args.trials)}), flush=True)
     if args.chain:
-        for padding in (0, 8000):
+        for nodes, padding, extra_inputs, extra_outputs in ((120, 0, 0, 0), (120, 8000, 0, 0), (27, 28000, 0, 0),
+                                                              (27, 0, 20, 0), (27, 0, 0, 6), (27, 28000, 20, 6)):
             print(json.dumps({"label": args.label, "kind": "chain", **setting,
-                              **chain_times(120, padding)}), flush=True)
+                              **chain_times(nodes, padding, extra_inputs, extra_outputs)}), flush=True)
 
 
 if __name__ == "__main__":
