@@ -119,9 +119,9 @@ def compile_layer(args, scratch: Path) -> bool:
         mlp = SimpleNamespace(gate_up_proj=_Linear(9728, 896, bits), down_proj=_Linear(896, 4864, down_bits), eps=1e-6)
         source, names = fused_layer.layer_source(attention, mlp, 2304)
         types = {n: "uint32" if n.endswith("_w") else "float16" for n in names}
-        types |= {"inv_freq": "float32", "state": "int32"}
+        types |= {"inv_freq": "float32", "state": "int32", "attn_parts": "float32"}
         failed |= _compile(args, scratch, f"layer kernel bits {bits}/{down_bits}", f"layer_{bits}_{down_bits}", source,
-                           types, [(n, "float32" if n == "attn_parts" else "float16") for n in source.output_names],
+                           types, [(n, "float16") for n in source.output_names],
                            [("T", "float16")])
     return failed
 

@@ -84,6 +84,8 @@ class FusedDecoder:
         self.model = model
         self.kernels = kernel_set
         self.functional = kernel_set.backend == "reference"  # cache and ring come back as new arrays
+        if hasattr(kernel_set, "prepare"):
+            kernel_set.prepare(model)
 
         def step(state, params, recent, keys, values):
             next_state, token, keys, values, recent = fused_step.decode_step(

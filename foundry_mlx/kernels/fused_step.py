@@ -116,12 +116,19 @@ class GpuKernels:
     def head(self, h, norm_weight, eps, lm_head):
         return self._gemv(HEAD, eps, h, lm_head, norm_weight=norm_weight)
 
+    def prepare(self, model) -> None:
+        """Buffers the kernels reuse across steps, made before the step is traced."""
+        if self.backend == "cuda" and self.layer_kernel:
+            dtype = model.layers[0].self_attn.norm_weight.dtype
+            for layer in model.layers:
+                fused_layer.prepare(layer.self_attn, layer.mlp, dtype)
+
     def layer(self, x, attention, mlp, state, keys, values):
         """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels."""
         if self.backend != "cuda" or not self.layer_kernel:
             return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
         source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values)
-        return self._kernel(source)(**arguments)[4], keys, values
+        return self._kernel(source)(**arguments)[0], keys, values
 
     def sample(self, logits, params, state, recent):
         arguments = sample.launch_arguments(logits, params, state, recent, self.backend)

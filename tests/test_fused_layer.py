@@ -1,0 +1,72 @@
+"""The layer kernel's launch plan (kernels/fused_layer.py), checked without a GPU: every phase
+covers its units in at most a round or two of the resident blocks, intermediates never overlap in
+the scratch buffer, and the attention phase gives every block a share of the positions. (Its
+arithmetic is checked on the GPU: tests/kernels/test_fused_gpu.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from foundry_mlx.kernels import fused_layer, qgemv
+
+# (hidden, ffn, heads, kv_heads, head_dim) of Qwen2.5-0.5B and -7B
+SHAPES = {"0.5b": (896, 4864, 14, 2, 64), "7b": (3584, 18944, 28, 4, 128)}
+
+
+class _Linear:
+    def __init__(self, rows: int, columns: int, bits: int) -> None:
+        self.out_features, self.in_features, self.bits, self.group_size = rows, columns, bits, 64
+
+    def __contains__(self, name: str) -> bool:  # `"bias" in linear`, as layers.Linear answers it
+        return False
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_each_phase_takes_few_rounds_of_the_blocks(shape, bits):
+    hidden, ffn, heads, kv_heads, dims = SHAPES[shape]
+    phases = [((heads + 2 * kv_heads) * dims // 2, hidden, 2), (hidden, heads * dims, 1), (ffn, hidden, 2),
+              (hidden, ffn, 1)]
+    for units, k, rows_per_unit in phases:
+        constants, groups = fused_layer._gemv_constants(units, k, _Linear(units * rows_per_unit, k, bits),
+                                                        rows_per_unit)
+        slots = constants["ROWS"] * rows_per_unit
+        assert slots <= fused_layer.MAX_SLOTS
+        assert groups * constants["WARPS_N"] * constants["ROWS"] >= units  # every unit is covered
+        # one round per block, or as many rows per SIMD-group as its registers allow
+        assert groups <= fused_layer.BLOCKS or slots > fused_layer.MAX_SLOTS - rows_per_unit
+        assert -(-groups // fused_layer.BLOCKS) <= 2
+        assert constants["WARPS_N"] * constants["WARPS_K"] == qgemv.WARPS
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_scratch_regions_are_aligned_and_disjoint(shape):
+    hidden, ffn, heads, kv_heads, dims = SHAPES[shape]
+    sizes = {"qkv": (heads + 2 * kv_heads) * dims, "attended": heads * dims, "h": hidden, "activated": ffn}
+    offsets = fused_layer.scratch_offsets(sizes["qkv"], sizes["attended"], hidden, ffn)
+    spans = sorted((offsets[name], offsets[name] + size) for name, size in sizes.items())
+    for (start, end), (next_start, _) in zip(spans, spans[1:]):
+        assert start % 8 == 0 and end <= next_start
+    assert spans[-1][1] <= offsets["scratch_size"]
+
+
+@pytest.mark.parametrize("heads", [2, 14, 28, 40, 64, 200])
+def test_attention_shares_fill_the_blocks(heads):
+    splits = fused_layer.attention_splits(heads)
+    assert splits >= 1 and heads * splits <= max(fused_layer.BLOCKS, heads)
+    assert heads * splits * 2 > fused_layer.BLOCKS or splits == 16  # no block left idle that a share could use
+
+
+def test_the_layer_source_names_each_phase_and_writes_one_output():
+    hidden, ffn, heads, kv_heads, dims = SHAPES["0.5b"]
+    attention = SimpleNamespace(qkv_proj=_Linear((heads + 2 * kv_heads) * dims, hidden, 4),
+                                o_proj=_Linear(hidden, heads * dims, 4), n_heads=heads, n_kv_heads=kv_heads,
+                                rope=SimpleNamespace(dims=dims), eps=1e-6, scale=dims ** -0.5)
+    mlp = SimpleNamespace(gate_up_proj=_Linear(2 * ffn, hidden, 4), down_proj=_Linear(hidden, ffn, 4), eps=1e-6)
+    source, inputs = fused_layer.layer_source(attention, mlp, 512)
+    assert source.output_names == ("x_out",)
+    assert "scratch" in inputs and "attn_parts" in inputs
+    assert source.body.count("foundry_grid_sync();") == 5  # six phases, five barriers
+    assert "prefetch.global.L2" in source.header
