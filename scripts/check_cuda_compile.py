@@ -53,7 +53,7 @@ def variants():
 
 
 def _compile(args, scratch: Path, label: str, name: str, source, types: dict, outputs, template) -> bool:
-    header, body = source.render("cuda")
+    header, body = source.launch_text("cuda")
     text = mlx_cuda_source(f"custom_kernel_{name}", [(n, types[n]) for n in source.input_names], outputs, header, body,
                            template)
     path = scratch / f"{name}.cu"
@@ -134,7 +134,7 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
         for dtype in ("float16", "float32"):
-            header, body = sdpa.SOURCE.render("cuda")
+            header, body = sdpa.SOURCE.launch_text("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}
             template = [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 256), ("WARPS", sdpa.warps_for(2304))]
             text = mlx_cuda_source("custom_kernel_attention", [(n, types[n]) for n in sdpa.SOURCE.input_names],
@@ -151,7 +151,7 @@ def main() -> int:
             return 1
         for variant, dtype, bits in variants():
             source = qgemv.kernel_source(variant, "cuda")
-            header, body = source.render("cuda")
+            header, body = source.launch_text("cuda")
             types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "norm_weight": dtype, "eps": "float32",
                      "bias": dtype, "residual": dtype, "inv_freq": "float32", "position": "int32"}
             template = [("T", dtype), ("BITS", bits), ("GROUP", 32), ("K", 896), ("UNITS", 1152), ("ROWS", 2),

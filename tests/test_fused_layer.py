@@ -70,3 +70,51 @@ def test_the_layer_source_names_each_phase_and_writes_one_output():
     assert "scratch" in inputs and "attn_parts" in inputs
     assert source.body.count("foundry_grid_sync();") == 5  # six phases, five barriers
     assert "prefetch.global.L2" in source.header
+
+
+def test_compact_keeps_code_directives_and_strings():
+    from foundry_mlx.kernels.source import compact
+
+    text = """
+  // a comment line
+  #define TWICE(v) (2 * (v))   // trailing comment
+    int x = TWICE(3);
+
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); // why
+  const char* url = "http://example";  // kept: the quote before it is open
+"""
+    assert compact(text) == ('#define TWICE(v) (2 * (v))\nint x = TWICE(3);\n'
+                             'asm volatile("prefetch.global.L2 [%0];" :: "l"(p));\n'
+                             'const char* url = "http://example";\n')
+
+
+def test_every_kernel_source_compacts_to_the_same_tokens():
+    """What MLX is given is the rendered kernel minus comments and layout, token for token."""
+    import re
+
+    from foundry_mlx.kernels import embed, sample, sdpa
+    from foundry_mlx.kernels.source import compact
+
+    sources = [qgemv.kernel_source(qgemv.Variant(norm=True, bias=True, rope=True, fused=True), "cuda", 1e-6),
+               sdpa.fused_source(0.125), embed.kernel_source(), sample.kernel_source("cuda")]
+    for source in sources:
+        for backend in ("cuda", "metal"):
+            for text in source.render(backend):
+                without_comments = re.sub(r"//[^\n]*", "", text)
+                assert compact(text).split() == without_comments.split()
+                assert len(compact(text)) < len(text)
+
+
+@pytest.mark.parametrize("shape, chosen", [("0.5b", True), ("7b", False)])
+def test_one_launch_per_layer_is_chosen_for_layers_that_fit_in_l2(shape, chosen):
+    hidden, ffn, heads, kv_heads, dims = SHAPES[shape]
+
+    def linear(rows, columns):  # 4-bit, group 64, float16 scales and biases
+        packed = SimpleNamespace(nbytes=rows * columns // 2)
+        groups = SimpleNamespace(nbytes=rows * columns // 64 * 2)
+        return SimpleNamespace(weight=packed, scales=groups, biases=groups)
+
+    attention = SimpleNamespace(qkv_proj=linear((heads + 2 * kv_heads) * dims, hidden), o_proj=linear(hidden, hidden))
+    mlp = SimpleNamespace(gate_up_proj=linear(2 * ffn, hidden), down_proj=linear(hidden, ffn))
+    model = SimpleNamespace(layers=[SimpleNamespace(self_attn=attention, mlp=mlp)])
+    assert fused_layer.suits(model) is chosen

@@ -88,6 +88,20 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
     return "\n".join(lines)
 
 
+# The layer kernel is chosen for models whose layers' weights fit in L2 several times over: it
+# prefetches a layer's later phases into L2 at the layer's start and runs on BLOCKS blocks, which
+# suits small layers (0.5B: ~9 MB). A 7B layer (~117 MB at 4 bits) would thrash the H200's 50 MB L2
+# and needs more loads in flight than 128 blocks keep: it takes the five-kernel step.
+MAX_LAYER_BYTES = 16 << 20
+
+
+def suits(model) -> bool:
+    """Whether `model` decodes with one launch per layer by default (CUDA)."""
+    layer = model.layers[0]
+    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+    return sum(linear.weight.nbytes + linear.scales.nbytes + linear.biases.nbytes for linear in linears) <= MAX_LAYER_BYTES
+
+
 MAX_SLOTS = 24  # rows a SIMD-group accumulates at once in a phase (registers: acc[SLOTS])
 
 

@@ -74,9 +74,9 @@ class GpuKernels:
     def __init__(self, backend: str, layer_kernel: bool | None = None) -> None:
         self.backend = backend
         self._built: dict[str, object] = {}
-        if layer_kernel is None:  # off by default: slower at long contexts (see kernels/fused_layer.py)
-            layer_kernel = os.environ.get("FOUNDRY_LAYER_KERNEL", "0") == "1"
-        self.layer_kernel = layer_kernel
+        # None: chosen per model by `prepare` (FOUNDRY_LAYER_KERNEL=1 / 0 forces it on / off).
+        switch = os.environ.get("FOUNDRY_LAYER_KERNEL", "")
+        self.layer_kernel = layer_kernel if layer_kernel is not None else {"1": True, "0": False}.get(switch)
 
     def _kernel(self, source):
         kernel = self._built.get(source.name)
@@ -117,7 +117,10 @@ class GpuKernels:
         return self._gemv(HEAD, eps, h, lm_head, norm_weight=norm_weight)
 
     def prepare(self, model) -> None:
-        """Buffers the kernels reuse across steps, made before the step is traced."""
+        """Choose one launch per layer or five for `model`, and make the buffers the kernels reuse
+        across steps before the step is traced."""
+        if self.layer_kernel is None:
+            self.layer_kernel = fused_layer.suits(model)
         if self.backend == "cuda" and self.layer_kernel:
             dtype = model.layers[0].self_attn.norm_weight.dtype
             for layer in model.layers:

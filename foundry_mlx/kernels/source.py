@@ -93,11 +93,18 @@ class KernelSource:
             raise ValueError(f"unknown backend {backend!r}")
         return _PRELUDE[backend] + self.header, _PROLOGUE[backend] + self.body
 
+    def launch_text(self, backend: str) -> tuple[str, str]:
+        """`render`'s (header, source) without comments and indentation: what MLX is given. MLX
+        hashes a kernel's whole source at every launch (measured on the H200: 0.23 µs per KB per
+        launch, ~2 µs for an 8 KB source), and a decode step launches 27–123 of them."""
+        header, source = self.render(backend)
+        return compact(header), compact(source)
+
     def build(self, backend: str):
         """The MLX kernel object (compiled lazily by MLX on first call)."""
         import mlx.core as mx
 
-        header, source = self.render(backend)
+        header, source = self.launch_text(backend)
         make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
         return make(
             name=f"{self.name}_{backend}",
@@ -106,6 +113,23 @@ class KernelSource:
             source=source,
             header=header,
         )
+
+
+def compact(text: str) -> str:
+    """C++/MSL text without blank lines, indentation and `//` comments (lines stay lines, for the
+    preprocessor). Kernel sources hold no `//` inside string literals; one that did would keep its
+    comment-looking tail, since only a `//` after an even number of quotes starts a comment."""
+    lines = []
+    for line in text.splitlines():
+        cut = line.find("//")
+        while cut >= 0 and line[:cut].count('"') % 2:
+            cut = line.find("//", cut + 2)
+        if cut >= 0:
+            line = line[:cut]
+        line = line.strip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def float_literal(value: float) -> str:

@@ -17,9 +17,9 @@ def to_numpy(array: mx.array):
 
 
 def run_source(source: KernelSource, arguments: dict, **options) -> list[np.ndarray]:
-    """`source` rendered for Metal, run with `arguments` (inputs, template, grid, threadgroup,
+    """`source` as MLX is given it for Metal (`launch_text`), run with `arguments` (inputs, template, grid, threadgroup,
     output shapes and dtypes); `options` go to `run_metal_kernel` (groups, schedule, …)."""
-    header, body = source.render("metal")
+    header, body = source.launch_text("metal")
     return run_metal_kernel(
         source.name, source.input_names, source.output_names, body, header,
         [to_numpy(a) for a in arguments["inputs"]], arguments["output_shapes"], arguments["output_dtypes"],

@@ -31,7 +31,7 @@ def test_harness_catches_a_wrong_kernel():
     kwargs = make_inputs(case)
     launch = qgemv.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **kwargs))
-    header, source = qgemv.kernel_source(case.variant, "metal").render("metal")
+    header, source = qgemv.kernel_source(case.variant, "metal").launch_text("metal")
     broken = source.replace("+ static_cast<float>(biases[g]) * x_sum", "")
     assert broken != source
     (output,) = run_metal_kernel("broken_gemv", case.variant.input_names(), ["y"], broken, header,
