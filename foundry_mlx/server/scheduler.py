@@ -12,6 +12,12 @@ Each turn of the loop, between model steps:
    merged into a left-padded batched KV cache (`engine.batch`) and run as one (B, 1) step.
    Each row samples with its own parameters and stops by its own rules.
 
+Where the fused step runs (CUDA; Metal with FOUNDRY_FUSED=1; Qwen2/Llama, quantized), every
+decoding sequence, alone or not, is a row of one `BatchedFusedDecoder` instead (engine/batch_decoder.py:
+about the single-sequence step's graph nodes for any B, tokens sampled on the device). A sequence
+joins it after its prefill and leaves when it finishes; the step after the current one is queued
+before the current tokens go to the host, and drained before any join so a join never races it.
+
 `batched=False` runs the same turn as one single-sequence step per live sequence instead (the
 `auto` choice on MLX's CPU backend): there a batched step costs B single steps or more, since
 its matmuls are compute-bound (measured on the 2-core CI machine: a (8, 896) x 9728 quantized
@@ -34,7 +40,9 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..engine import batch as batching
+from ..engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
 from ..engine.decoder import decoder_for
+from ..engine.sampling import _fresh_seed
 from .prompt_cache import PromptCache
 from .sequence import Event, GenerationRequest, LiveSequence
 
@@ -68,12 +76,16 @@ class Scheduler:
         prompt_cache: PromptCache | None = None,
         prefill_chunk: int = 512,
         batched: bool = True,
+        fused: BatchedFusedDecoder | None | str = "auto",
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prompt_cache = prompt_cache
         self.prefill_chunk = prefill_chunk
         self.batched = batched
+        # "auto": the fused batch where the backend and the model allow it (not with batching off).
+        self.fused = (batch_decoder_for(model) if batched else None) if fused == "auto" else fused
+        self._queued: mx.array | None = None  # a fused step queued ahead, not yet read
         self._waiting: deque[LiveSequence] = deque()
         self._live: list[LiveSequence] = []
         self._batch_rows: list[LiveSequence] = []
@@ -145,9 +157,15 @@ class Scheduler:
                     if not sequence.finished:
                         sequence.fail(f"The engine failed on this request ({type(error).__name__}); see the server log.")
                 self._batch, self._batch_rows = None, []
+                if self.fused is not None:
+                    self.fused.clear()
+                    self._queued = None
                 mx.clear_cache()
 
     def _turn(self, live: list[LiveSequence], alone: bool) -> None:
+        if self.fused is not None:
+            self._fused_turn(live)
+            return
         for sequence in live:
             if sequence.speculative is not None and not (alone and sequence.decoding):
                 self._resolve(sequence)  # others arrived: the step queued ahead becomes an ordinary one
@@ -239,6 +257,70 @@ class Scheduler:
         sequence.speculative = None
         sequence.fed()
         sequence.accept(value)
+
+    # --- the fused batch ------------------------------------------------------------------------
+
+    def _fused_turn(self, live: list[LiveSequence]) -> None:
+        prefilling = next((s for s in live if not s.started or s.prompt_left), None)
+        if prefilling is not None:
+            self._prefill(prefilling)
+        decoding = [s for s in live if s.decoding]
+        members = self.fused.members
+        if any(s not in members for s in decoding) or any(s not in decoding for s in members):
+            self._drain()
+            self._leave_finished()
+            for sequence in live:
+                if sequence.decoding and sequence not in self.fused.members:
+                    self._join(sequence)
+        if self.fused.members:
+            self._fused_step()
+        for sequence in live:
+            if sequence.finished and sequence.cache is not None:
+                self._retire(sequence)
+
+    def _join(self, sequence: LiveSequence) -> None:
+        sampling = sequence.request.sampling
+        seed = sampling.seed if sampling.seed is not None else _fresh_seed()
+        room = min(sequence.request.max_tokens - sequence.generated, 1024) + 2
+        self.fused.join(sequence, sequence.cache, sequence.pending, sequence.tokens + [sequence.pending], sampling,
+                        seed, room)
+        sequence.cache = None  # the batch holds its positions now
+        sequence.recent = None  # the device keeps the penalty's ring
+
+    def _fused_step(self) -> None:
+        members = self.fused.members
+        self.steps += 1
+        self.batched_steps += len(members) > 1
+        self.max_rows_seen = max(self.max_rows_seen, len(members))
+        current = self._queued if self._queued is not None else self.fused.advance()
+        self._queued = None
+        if any(s.generated + 1 < s.request.max_tokens for s in members):
+            self._queued = self.fused.advance()
+            mx.async_eval(self._queued)
+        self._accept(current.tolist())
+        if any(not s.decoding for s in self.fused.members):
+            self._drain()
+            self._leave_finished()
+
+    def _accept(self, tokens: list[int]) -> None:
+        for sequence, token in zip(self.fused.rows, tokens):
+            if sequence is not None and sequence.decoding:
+                sequence.fed()
+                sequence.accept(token)
+
+    def _drain(self) -> None:
+        """Read the step queued ahead: it fed every row's pending token and sampled the next."""
+        if self._queued is not None:
+            queued, self._queued = self._queued, None
+            self.steps += 1
+            self._accept(queued.tolist())
+
+    def _leave_finished(self) -> None:
+        for sequence in self.fused.members:
+            if sequence.finished:  # its positions go back to it (the prompt cache keeps them)
+                sequence.cache = self.fused.leave(sequence, length=len(sequence.tokens))
+            elif sequence.cancelled:
+                self.fused.leave(sequence)
 
     @staticmethod
     def _reserve(decoding: list[LiveSequence]) -> int:
