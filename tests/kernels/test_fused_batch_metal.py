@@ -155,3 +155,55 @@ def test_metal_batched_sources_leave_the_single_row_kernels_alone():
     assert not names & single
     assert "BATCH" not in fused_step.qgemv.kernel_source(fused_step.RESIDUAL, "metal").body
     assert "group_id / HEADS" not in sdpa.fused_source(0.25).body
+
+
+class _Simulated:
+    """A kernel object that runs the Metal rendition on the harness; inputs the kernel writes in place
+    (KV caches, penalty rings) are written back into the very arrays it was given, as on a GPU."""
+
+    IN_PLACE = ("k_cache", "v_cache", "recent")
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        written = [n for n in self.IN_PLACE if n in self.source.input_names]
+        arguments = dict(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                         output_shapes=output_shapes, output_dtypes=output_dtypes)
+        results = run_source(self.source, arguments, written_inputs=written)
+        for name, data in zip(written, results[len(output_shapes):]):
+            target = inputs[self.source.input_names.index(name)]
+            target[:] = mx.array(data).astype(target.dtype)
+        return [mx.array(r) for r in results[: len(output_shapes)]]
+
+
+def test_the_whole_batched_step_in_metal_equals_the_twin_plan(model, monkeypatch):
+    """BatchedGpuKernels and the decoder's in-place path, every kernel the Metal rendition on the
+    harness (the sampler with a 64-thread group): rows joining at different depths give the twin
+    plan's tokens, and the rows written into the caches are the twin's."""
+    from foundry_mlx.engine.batch_decoder import BatchedFusedDecoder
+    from foundry_mlx.engine.sampling import SamplingParams
+    from foundry_mlx.kernels import fused_batch
+
+    monkeypatch.setattr(sample, "THREADS", {"metal": 64, "cuda": 1024})
+    gpu = fused_batch.BatchedGpuKernels("metal")
+    monkeypatch.setattr(gpu, "_kernel", _Simulated)
+    prompts = [[5, 17, 99, 3, 42], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7, 9]]
+    plans = [SamplingParams(), SamplingParams(temperature=0.8, top_k=10), SamplingParams(repetition_penalty=1.3)]
+    decoders = {"metal": BatchedFusedDecoder(model, gpu, compiled=False),
+                "twin": BatchedFusedDecoder(model, BatchedReferenceKernels())}
+    tokens = {name: [] for name in decoders}
+    for name, decoder in decoders.items():
+        for step in range(3):
+            cache = model.make_cache()
+            mx.eval(model(mx.array([prompts[step]]), cache))
+            decoder.join(step, cache, 11 + step, prompts[step] + [11 + step], plans[step], 21 + step, room=8)
+            tokens[name].append(decoder.advance().tolist())
+    assert tokens["metal"] == tokens["twin"]
+    metal, twin = decoders["metal"], decoders["twin"]
+    for slot, owner in enumerate(metal.rows):
+        if owner is not None:
+            length = len(prompts[owner]) + 3 - owner
+            _close(metal.keys[1][slot, :, :length], twin.keys[1][slot, :, :length], 1e-4)
+            _close(metal.values[0][slot, :, :length], twin.values[0][slot, :, :length], 1e-4)
+            _close(metal.recent[slot], twin.recent[slot], 0)
