@@ -109,6 +109,7 @@ def body(variant: qgemv.Variant, eps: float | None = None) -> str:
   for (int r = 0; r < SLOTS * BATCH; ++r) acc[r] = 0.0f;
   if (first_unit < UNITS) {{
     for (int base = (warp_k * 32 + (int)lane) * E; base < K; base += WARPS_K * STEP) {{{norm_load}
+#pragma unroll
       for (int r = 0; r < SLOTS; ++r) {{
         const int unit = first_unit + r / RPU;
         const int which = r % RPU;
@@ -128,6 +129,7 @@ def body(variant: qgemv.Variant, eps: float | None = None) -> str:
         const long g = (long)row * GROUPS_PER_ROW + base / GROUP;
         const float scale = static_cast<float>(scales[g]);
         const float offset = static_cast<float>(biases[g]);
+#pragma unroll
         for (int item = 0; item < BATCH; ++item) {{
           float xs[E];
           LOAD_FLOATS(T, E, x + (long)item * K + base, xs);{norm_apply}
@@ -156,6 +158,7 @@ def body(variant: qgemv.Variant, eps: float | None = None) -> str:
     for (int u = 0; u < ROWS; ++u) {{
       const int unit = first_unit + u;
       if (unit >= UNITS) break;
+#pragma unroll
       for (int item = 0; item < BATCH; ++item) {{{_batched_epilogue(variant)}
       }}
     }}
@@ -205,6 +208,11 @@ def launch(
     units = n_rows // variant.rows_per_unit
     columns = units if variant.swiglu else n_rows
     constants, groups = qgemv.shape_constants(units, k, weight.bits, weight.group_size)
+    if batch > 1 and constants["ROWS"] > 1:
+        # One row per SIMD-group: x is reloaded per row anyway, and two rows' B sums each would hold
+        # 2·B accumulators per lane (the LM head at B = 8: 196 registers, against 80 with one row).
+        constants["ROWS"] = 1
+        groups = -(-units // constants["WARPS_N"])
     template = [("T", x.dtype), *constants.items(), ("HALF", max(head_dim // 2, 1)), ("ROPE_ROWS", rope_rows),
                 ("BATCH", batch), ("Y_COLS", columns), ("STATE_STRIDE", STATE_STRIDE)] + cache_template
     threads = qgemv.WARPS * 32
