@@ -188,7 +188,7 @@ def test_scheduler_decodes_through_the_fused_batch_and_matches_alone(engine):
     prompts = ["hello", "the cat is on the mat and", "a", "we are here"]
     sampling = [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=5, top_k=20),
                 SamplingParams(repetition_penalty=1.3)]
-    requests = [GenerationRequest(tokenizer.encode(p), 10 + 3 * i, s, ignore_eos=True)
+    requests = [GenerationRequest(tokenizer.encode(p), 30 + 3 * i, s, ignore_eos=True)
                 for i, (p, s) in enumerate(zip(prompts, sampling))]
     decoder = BatchedFusedDecoder(model, fused_batch.BatchedReferenceKernels())
     scheduler = Scheduler(model, tokenizer, max_batch=4, prompt_cache=None, fused=decoder)

@@ -16,7 +16,8 @@ Where the fused step runs (CUDA; Metal with FOUNDRY_FUSED=1; Qwen2/Llama, quanti
 decoding sequence, alone or not, is a row of one `BatchedFusedDecoder` instead (engine/batch_decoder.py:
 about the single-sequence step's graph nodes for any B, tokens sampled on the device). A sequence
 joins it after its prefill and leaves when it finishes; the step after the current one is queued
-before the current tokens go to the host, and drained before any join so a join never races it.
+before the current tokens go to the host (FOUNDRY_DECODE_AHEAD, default 4), and drained before any
+join or leave, so that neither races a step in flight.
 
 `batched=False` runs the same turn as one single-sequence step per live sequence instead (the
 `auto` choice on MLX's CPU backend): there a batched step costs B single steps or more, since
@@ -32,6 +33,7 @@ prompt cache. Everything that touches MLX runs on this one thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -85,7 +87,10 @@ class Scheduler:
         self.batched = batched
         # "auto": the fused batch where the backend and the model allow it (not with batching off).
         self.fused = (batch_decoder_for(model) if batched else None) if fused == "auto" else fused
-        self._queued: mx.array | None = None  # a fused step queued ahead, not yet read
+        self._queued: deque[mx.array] = deque()  # fused steps queued ahead, not yet read
+        # How many: FOUNDRY_DECODE_AHEAD, as for `stream_generate` (one ahead hides the host's read;
+        # more hide the Python of accepting B rows' tokens too).
+        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "4")))
         self._waiting: deque[LiveSequence] = deque()
         self._live: list[LiveSequence] = []
         self._batch_rows: list[LiveSequence] = []
@@ -159,7 +164,7 @@ class Scheduler:
                 self._batch, self._batch_rows = None, []
                 if self.fused is not None:
                     self.fused.clear()
-                    self._queued = None
+                    self._queued.clear()
                 mx.clear_cache()
 
     def _turn(self, live: list[LiveSequence], alone: bool) -> None:
@@ -292,12 +297,13 @@ class Scheduler:
         self.steps += 1
         self.batched_steps += len(members) > 1
         self.max_rows_seen = max(self.max_rows_seen, len(members))
-        current = self._queued if self._queued is not None else self.fused.advance()
-        self._queued = None
-        if any(s.generated + 1 < s.request.max_tokens for s in members):
-            self._queued = self.fused.advance()
-            mx.async_eval(self._queued)
-        self._accept(current.tolist())
+        # Queue steps ahead (tokens and sampling stay on the device) while some row still needs
+        # them; a row that stops meanwhile wastes its share of the steps already queued.
+        useful = max(s.request.max_tokens - s.generated for s in members)
+        while len(self._queued) < min(self.ahead, useful):
+            self._queued.append(self.fused.advance())
+            mx.async_eval(self._queued[-1])
+        self._accept(self._queued.popleft().tolist())
         if any(not s.decoding for s in self.fused.members):
             self._drain()
             self._leave_finished()
@@ -309,11 +315,10 @@ class Scheduler:
                 sequence.accept(token)
 
     def _drain(self) -> None:
-        """Read the step queued ahead: it fed every row's pending token and sampled the next."""
-        if self._queued is not None:
-            queued, self._queued = self._queued, None
+        """Read the steps queued ahead: each fed every row's pending token and sampled the next."""
+        while self._queued:
             self.steps += 1
-            self._accept(queued.tolist())
+            self._accept(self._queued.popleft().tolist())
 
     def _leave_finished(self) -> None:
         for sequence in self.fused.members:
