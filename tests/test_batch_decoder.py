@@ -236,3 +236,13 @@ def test_the_cpu_keeps_the_model_file_batch(engine):
     model, tokenizer = engine
     assert batch_decoder_for(model) is None
     assert Scheduler(model, tokenizer).fused is None
+
+
+def test_info_names_the_server_batch_path(engine, monkeypatch):
+    from foundry_mlx.decode_paths import decode_paths
+
+    model, _ = engine
+    monkeypatch.delenv("FOUNDRY_FUSED", raising=False)
+    paths = {backend: dict((op, path) for op, path, _ in decode_paths(model.config, backend))["server batch"]
+             for backend in ("cuda", "metal")}
+    assert paths == {"cuda": "fused batch", "metal": "model file"}
