@@ -71,7 +71,7 @@ class BatchedFusedDecoder:
             raise ValueError("this sequence is already in the batch")
         position = cache[0].offset
         if None not in self.rows:
-            self._relayout(max(1, 2 * len(self.rows)))
+            self._relayout(max(1, 2 * len(self.rows)), cache[0].keys.dtype)
         self._reserve(position + room)
         slot = self.rows.index(None)
         window = max(sampling.repetition_context, 1)
@@ -109,7 +109,7 @@ class BatchedFusedDecoder:
         if busy == 0:
             self.clear()
         elif 4 * busy <= len(self.rows):
-            self._relayout(len(self.rows) // 2)
+            self._relayout(len(self.rows) // 2, self.keys[0].dtype)
         return caches
 
     def advance(self) -> mx.array:
@@ -142,15 +142,15 @@ class BatchedFusedDecoder:
         self.values = [_resized(v, len(self.rows), size) for v in self.values]
         mx.eval(self.keys, self.values)
 
-    def _relayout(self, slots: int) -> None:
-        """`slots` slots, the members first (in their order), the rest parked."""
+    def _relayout(self, slots: int, dtype: mx.Dtype) -> None:
+        """`slots` slots, the members first (in their order), the rest parked; new buffers hold
+        `dtype` (the joining cache's: the KV rows are copied, never converted)."""
         from ..kernels import sample
 
         keep = [slot for slot, row in enumerate(self.rows) if row is not None]
         if not self.keys:  # the first join: empty buffers of the model's shape
             attention = self.model.layers[0].self_attn
             shape = (slots, attention.n_kv_heads, STEP, attention.rope.dims)
-            dtype = attention.norm_weight.dtype
             self.keys = [mx.zeros(shape, dtype) for _ in self.model.layers]
             self.values = [mx.zeros(shape, dtype) for _ in self.model.layers]
             parked = sample.state_row(0, 0, 0, 0, 0, parked=True)
