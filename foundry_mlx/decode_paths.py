@@ -38,10 +38,13 @@ def _qwen2_llama(config: ModelConfig, backend: str) -> list[tuple[str, str, str]
         plan.append(("sampling", "custom sampling kernel", "penalty, temperature, top-k/p, min-p, seeded draw on device"))
         plan.append(("decode step", "fused", "5 kernels per layer + 3, token in and out on the device "
                                               "(kernels/fused_step.py; FOUNDRY_FUSED=0 turns it off)"))
+        plan.append(("server batch", "fused batch", "concurrent requests as rows of one fused step, the same "
+                                                    "launches for any B (kernels/fused_batch.py)"))
     else:
         why = "FOUNDRY_FUSED=0" if switch == "0" else f"the fused step is off by default on {backend} (FOUNDRY_FUSED=1)"
         plan.append(("sampling", "reference", "MLX ops on the logits"))
         plan.append(("decode step", "compiled", f"one mx.compile trace per 256 positions; {why}"))
+        plan.append(("server batch", "model file", "left-padded batched KV cache, MLX ops (engine/batch.py)"))
     return plan
 
 

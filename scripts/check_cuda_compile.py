@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import embed, qgemv, sample, sdpa  # noqa: E402
+from foundry_mlx.kernels import embed, qgemv, qgemv_batch, sample, sdpa  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -94,6 +94,45 @@ def compile_fused(args, scratch: Path) -> bool:
                            [("next_state", "int32"), ("token_out", "int32"), ("work", "float32")],
                            [("T", dtype), ("V", 151936), ("THREADS", 1024), ("RECENT", 64)])
     failed |= compile_layer(args, scratch)
+    failed |= compile_batched(args, scratch)
+    return failed
+
+
+def compile_batched(args, scratch: Path) -> bool:
+    """The batched fused step's kernels (kernels/fused_batch.py) at the 0.5B shape, B = 8."""
+    failed = False
+    for dtype in ("float16", "bfloat16", "float32"):
+        types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "norm_weight": dtype, "bias": dtype,
+                 "residual": dtype, "inv_freq": "float32", "state": "int32", "k_cache": dtype, "v_cache": dtype}
+        for variant, units, k, bits in ((qgemv.Variant(norm=True, bias=True, rope=True, fused=True), 576, 896, 8),
+                                        (qgemv.Variant(norm=True, rope=True, fused=True), 576, 896, 4),
+                                        (qgemv.Variant(residual=True, fused=True), 896, 4864, 4),
+                                        (qgemv.Variant(norm=True, swiglu=True, fused=True), 4864, 896, 5),
+                                        (qgemv.Variant(norm=True, fused=True), 151936, 896, 6)):
+            constants, _ = qgemv.shape_constants(units, k, bits, 32)
+            columns = units if variant.swiglu else units * variant.rows_per_unit
+            template = [("T", dtype), *constants.items(), ("HALF", 32), ("ROPE_ROWS", 1024), ("BATCH", 8),
+                        ("Y_COLS", columns), ("STATE_STRIDE", 8), ("Q_ROWS", 896), ("KV_ROWS", 128), ("HEAD_DIM", 64),
+                        ("S", 512)]
+            source = qgemv_batch.kernel_source(variant, "cuda", 1e-6)
+            failed |= _compile(args, scratch, f"{source.name} B=8 bits={bits} {dtype}", f"{source.name}_{dtype}",
+                               source, types, [("y", dtype)], template)
+        source = sdpa.batched_source(0.125)
+        failed |= _compile(args, scratch, f"batched attention {dtype}", f"attention_batch_{dtype}", source,
+                           {"q": dtype, "keys": dtype, "values": dtype, "state": "int32"}, [("out", dtype)],
+                           [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 512), ("WARPS", 8),
+                            ("QKV_COLS", 1152), ("STATE_STRIDE", 8)])
+        source = embed.batched_source()
+        failed |= _compile(args, scratch, f"batched embedding {dtype}", f"embed_batch_{dtype}", source,
+                           {"state": "int32", "table": "uint32", "scales": dtype, "biases": dtype}, [("x", dtype)],
+                           [("T", dtype), ("HIDDEN", 896), ("THREADS", 256), ("BITS", 5), ("GROUP", 32),
+                            ("DENSE", False), ("GROUPS", 4), ("STATE_STRIDE", 8)])
+        source = sample.batched_source("cuda")
+        failed |= _compile(args, scratch, f"batched sampling {dtype}", f"sample_batch_{dtype}", source,
+                           {"logits": dtype, "params": "float32", "state": "int32", "recent": "int32"},
+                           [("next_state", "int32"), ("token_out", "int32"), ("work", "float32")],
+                           [("T", dtype), ("V", 151936), ("THREADS", 1024), ("RECENT", 64), ("PARAMS_STRIDE", 8),
+                            ("STATE_STRIDE", 8)])
     return failed
 
 

@@ -36,6 +36,36 @@ def kernel_source() -> KernelSource:
     return KernelSource("foundry_embed_state", ("state", "table", "scales", "biases"), ("x",), _BODY)
 
 
+# B rows: threadgroup g embeds part g % GROUPS of row g / GROUPS's token, state[row, 1].
+_BATCH_ROWS = (
+    ("const int index = (int)(group_id * THREADS + thread_id);",
+     "const int row = (int)group_id / GROUPS;\n  const int index = (int)((group_id % GROUPS) * THREADS + thread_id);"),
+    ("state[1]", "state[row * STATE_STRIDE + 1]"),
+    ("x[index]", "x[(long)row * HIDDEN + index]"),
+)
+
+
+def batched_source() -> KernelSource:
+    body = _BODY
+    for old, new in _BATCH_ROWS:
+        if old not in body:
+            raise AssertionError(f"{old!r} is not in the embedding body: the batched form needs updating")
+        body = body.replace(old, new)
+    return KernelSource("foundry_embed_state_batch", ("state", "table", "scales", "biases"), ("x",), body)
+
+
+def batched_launch_arguments(state: mx.array, table: QuantizedWeight | mx.array, dtype: mx.Dtype) -> dict:
+    """`launch_arguments` for B rows: state (B, 8) → x (B, hidden), row b the embedding of state[b, 1]."""
+    arguments = launch_arguments(state, table, dtype)
+    batch = state.shape[0]
+    hidden = arguments["output_shapes"][0][0]
+    groups = arguments["grid"][0] // THREADS
+    arguments["template"] += [("GROUPS", groups), ("STATE_STRIDE", state.shape[1])]
+    arguments["grid"] = (groups * batch * THREADS, 1, 1)
+    arguments["output_shapes"] = [(batch, hidden)]
+    return arguments
+
+
 def launch_arguments(state: mx.array, table: QuantizedWeight | mx.array, dtype: mx.Dtype) -> dict:
     """Keyword arguments for the kernel call: the row of token state[1] as `dtype` (hidden,)."""
     if isinstance(table, QuantizedWeight):

@@ -236,6 +236,63 @@ def kernel_source(backend: str) -> KernelSource:
                         body, _BACKEND_HEADER[backend] + _HEADER)
 
 
+# B rows: threadgroup b draws row b's token with row b's params, state and ring. A parked row
+# (state[b, 5] != 0: an empty slot of a batch) draws nothing and keeps its state, so its position
+# never moves past the cache. params[b, 5] is the row's penalty window (its own ring length, as a
+# single sequence's ring is), at most the ring's width RECENT.
+_BATCH_PREFIX = """SHARED int chosen[1];
+  {
+    const int row = (int)group_id;
+    logits += (long)row * V;
+    params += row * PARAMS_STRIDE;
+    state += row * STATE_STRIDE;
+    recent += row * RECENT;
+    next_state += row * STATE_STRIDE;
+    token_out += row;
+    work += (long)row * V;
+  }
+  if (state[5] != 0) {
+    if (thread_id == 0) {
+      for (int i = 0; i < STATE_STRIDE; ++i) next_state[i] = state[i];
+      token_out[0] = 0;
+    }
+    return;
+  }
+  const int window = params[5] >= 1.0f ? min((int)params[5], RECENT) : RECENT;"""
+_BATCH_ROWS = (
+    ("SHARED int chosen[1];", _BATCH_PREFIX),
+    ("const int seen = ring < RECENT ? ring : RECENT;", "const int seen = ring < window ? ring : window;"),
+    ("MUTABLE(int, recent)[ring % RECENT] = token;", "MUTABLE(int, recent)[ring % window] = token;"),
+)
+
+
+def batched_source(backend: str) -> KernelSource:
+    single = kernel_source(backend)
+    body = single.body
+    for old, new in _BATCH_ROWS:
+        if body.count(old) != 1:
+            raise AssertionError(f"{old!r} is not once in the sampling body: the batched form needs updating")
+        body = body.replace(old, new)
+    return KernelSource("foundry_sample_batch", single.input_names, single.output_names, body, single.header)
+
+
+def batched_launch_arguments(logits: mx.array, params: mx.array, state: mx.array, recent: mx.array, backend: str,
+                             threads: int | None = None) -> dict:
+    """B draws, one threadgroup each: logits (B, V), params (B, 8), state (B, 8), ring (B, R).
+    Outputs: next state (B, 8), tokens (B,), the work buffer (B, V)."""
+    batch, vocab = logits.shape
+    threads = threads or THREADS[backend]
+    return dict(
+        inputs=[logits, params, state, recent],
+        template=[("T", logits.dtype), ("V", vocab), ("THREADS", threads), ("RECENT", recent.shape[1]),
+                  ("PARAMS_STRIDE", params.shape[1]), ("STATE_STRIDE", state.shape[1])],
+        grid=(threads * batch, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(batch, STATE_SIZE), (batch,), (batch, vocab)],
+        output_dtypes=[mx.int32, mx.int32, mx.float32],
+    )
+
+
 def launch_arguments(logits: mx.array, params: mx.array, state: mx.array, recent: mx.array, backend: str,
                      threads: int | None = None) -> dict:
     """Keyword arguments of the kernel call for one draw from `logits` (V,); `recent` is the int32
@@ -253,12 +310,21 @@ def launch_arguments(logits: mx.array, params: mx.array, state: mx.array, recent
 
 
 def make_params(temperature: float, top_k: int, top_p: float, min_p: float, penalty: float) -> mx.array:
-    values = [temperature, float(top_k), top_p, min_p, penalty] + [0.0] * (PARAMS_SIZE - 5)
-    return mx.array(values, dtype=mx.float32)
+    return mx.array(params_row(temperature, top_k, top_p, min_p, penalty), dtype=mx.float32)
+
+
+def params_row(temperature: float, top_k: int, top_p: float, min_p: float, penalty: float, window: int = 0) -> list:
+    """One row of params: the five rules, then (batched kernel only) the penalty window."""
+    return [temperature, float(top_k), top_p, min_p, penalty, float(window)] + [0.0] * (PARAMS_SIZE - 6)
 
 
 def make_state(position: int, token: int, counter: int, seed: int, ring: int) -> mx.array:
-    return mx.array([position, token, counter, _as_int32(seed), ring, 0, 0, 0], dtype=mx.int32)
+    return mx.array(state_row(position, token, counter, seed, ring), dtype=mx.int32)
+
+
+def state_row(position: int, token: int, counter: int, seed: int, ring: int, parked: bool = False) -> list[int]:
+    """One row of state; `parked` (state[5]) marks an empty slot of a batch (batched kernel only)."""
+    return [position, token, counter, _as_int32(seed), ring, int(parked), 0, 0]
 
 
 def _as_int32(seed: int) -> int:

@@ -182,6 +182,46 @@ def fused_source(scale: float) -> KernelSource:
                         ("out",), body)
 
 
+def _replaced(text: str, replacements: tuple[tuple[str, str], ...]) -> str:
+    for old, new in replacements:
+        if old not in text:
+            raise AssertionError(f"{old!r} is not in the kernel body: the batched form needs updating")
+        text = text.replace(old, new)
+    return text
+
+
+# The batched form: threadgroup g is (row g / HEADS, head g % HEADS); row b's query is in row b of
+# the QKV output, its keys in slot b of the (B, kv_heads, S, D) buffers, its length in its state.
+_BATCH_ROWS = (
+    ("const int head = (int)group_id;", "const int row = (int)group_id / HEADS;\n  const int head = (int)group_id % HEADS;"),
+    ("q[head * D + piece * 8 + i]", "q[(long)row * QKV_COLS + head * D + piece * 8 + i]"),
+    ("const long head_base = (long)kv_head * S * D;", "const long head_base = ((long)row * KV_HEADS + kv_head) * S * D;"),
+    ("out[head * D + (int)thread_id]", "out[((long)row * HEADS + head) * D + (int)thread_id]"),
+    ("(state[0] + 1)", "(state[row * STATE_STRIDE] + 1)"),
+)
+
+
+def batched_source(scale: float) -> KernelSource:
+    """`fused_source` for B rows: every (row, query head) a threadgroup, each row at its own
+    position (state[b, 0]); a parked row of a batch (position 0) reads one position."""
+    fused = fused_source(scale)
+    return KernelSource(fused.name.replace("_fused_", "_batch_"), fused.input_names, fused.output_names,
+                        _replaced(fused.body, _BATCH_ROWS))
+
+
+def batched_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, heads: int) -> dict:
+    """Keyword arguments for `batched_source`'s kernel: qkv (B, QKV width), the (B, kv_heads, S, D)
+    buffers, state (B, 8); the output is (B, heads * D)."""
+    batch = qkv.shape[0]
+    arguments = _launch([qkv, keys, values, state], qkv.dtype, heads * batch, keys)
+    arguments["template"] = [*arguments["template"], ("QKV_COLS", qkv.shape[1]), ("STATE_STRIDE", state.shape[1])]
+    for index, (name, _) in enumerate(arguments["template"]):
+        if name == "HEADS":
+            arguments["template"][index] = ("HEADS", heads)
+    arguments["output_shapes"] = [(batch, heads * keys.shape[3])]
+    return arguments
+
+
 def fused_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, heads: int) -> dict:
     """Keyword arguments for `fused_source`'s kernel: attention of `heads` query heads over the
     first state[0] + 1 positions of the (1, kv_heads, S, D) buffers."""

@@ -104,7 +104,8 @@ def _health(state: ServerState):
     async def health(_request: Request) -> Response:
         scheduler = state.scheduler
         steps = {"decode_steps": scheduler.steps, "batched_steps": scheduler.batched_steps,
-                 "largest_batch": scheduler.max_rows_seen, "batched": scheduler.batched}
+                 "largest_batch": scheduler.max_rows_seen, "batched": scheduler.batched,
+                 "fused_batch": scheduler.fused is not None}
         return JSONResponse({"status": "ok", "model": state.config.model_id, **scheduler.load, **steps})
 
     return health

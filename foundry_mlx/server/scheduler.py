@@ -12,6 +12,13 @@ Each turn of the loop, between model steps:
    merged into a left-padded batched KV cache (`engine.batch`) and run as one (B, 1) step.
    Each row samples with its own parameters and stops by its own rules.
 
+Where the fused step runs (CUDA; Metal with FOUNDRY_FUSED=1; Qwen2/Llama, quantized), every
+decoding sequence, alone or not, is a row of one `BatchedFusedDecoder` instead (engine/batch_decoder.py:
+about the single-sequence step's graph nodes for any B, tokens sampled on the device). A sequence
+joins it after its prefill and leaves when it finishes; the step after the current one is queued
+before the current tokens go to the host (FOUNDRY_DECODE_AHEAD, default 4), and drained before any
+join or leave, so that neither races a step in flight.
+
 `batched=False` runs the same turn as one single-sequence step per live sequence instead (the
 `auto` choice on MLX's CPU backend): there a batched step costs B single steps or more, since
 its matmuls are compute-bound (measured on the 2-core CI machine: a (8, 896) x 9728 quantized
@@ -26,6 +33,7 @@ prompt cache. Everything that touches MLX runs on this one thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -34,7 +42,9 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..engine import batch as batching
+from ..engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
 from ..engine.decoder import decoder_for
+from ..engine.sampling import _fresh_seed
 from .prompt_cache import PromptCache
 from .sequence import Event, GenerationRequest, LiveSequence
 
@@ -68,12 +78,19 @@ class Scheduler:
         prompt_cache: PromptCache | None = None,
         prefill_chunk: int = 512,
         batched: bool = True,
+        fused: BatchedFusedDecoder | None | str = "auto",
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prompt_cache = prompt_cache
         self.prefill_chunk = prefill_chunk
         self.batched = batched
+        # "auto": the fused batch where the backend and the model allow it (not with batching off).
+        self.fused = (batch_decoder_for(model) if batched else None) if fused == "auto" else fused
+        self._queued: deque[mx.array] = deque()  # fused steps queued ahead, not yet read
+        # How many: FOUNDRY_DECODE_AHEAD, as for `stream_generate` (one ahead hides the host's read;
+        # more hide the Python of accepting B rows' tokens too).
+        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "4")))
         self._waiting: deque[LiveSequence] = deque()
         self._live: list[LiveSequence] = []
         self._batch_rows: list[LiveSequence] = []
@@ -145,9 +162,15 @@ class Scheduler:
                     if not sequence.finished:
                         sequence.fail(f"The engine failed on this request ({type(error).__name__}); see the server log.")
                 self._batch, self._batch_rows = None, []
+                if self.fused is not None:
+                    self.fused.clear()
+                    self._queued.clear()
                 mx.clear_cache()
 
     def _turn(self, live: list[LiveSequence], alone: bool) -> None:
+        if self.fused is not None:
+            self._fused_turn(live)
+            return
         for sequence in live:
             if sequence.speculative is not None and not (alone and sequence.decoding):
                 self._resolve(sequence)  # others arrived: the step queued ahead becomes an ordinary one
@@ -239,6 +262,70 @@ class Scheduler:
         sequence.speculative = None
         sequence.fed()
         sequence.accept(value)
+
+    # --- the fused batch ------------------------------------------------------------------------
+
+    def _fused_turn(self, live: list[LiveSequence]) -> None:
+        prefilling = next((s for s in live if not s.started or s.prompt_left), None)
+        if prefilling is not None:
+            self._prefill(prefilling)
+        decoding = [s for s in live if s.decoding]
+        members = self.fused.members
+        if any(s not in members for s in decoding) or any(s not in decoding for s in members):
+            self._drain()
+            self._leave_finished()
+            for sequence in live:
+                if sequence.decoding and sequence not in self.fused.members:
+                    self._join(sequence)
+        if self.fused.members:
+            self._fused_step()
+        for sequence in live:
+            if sequence.finished and sequence.cache is not None:
+                self._retire(sequence)
+
+    def _join(self, sequence: LiveSequence) -> None:
+        sampling = sequence.request.sampling
+        seed = sampling.seed if sampling.seed is not None else _fresh_seed()
+        room = min(sequence.request.max_tokens - sequence.generated, 1024) + 2
+        self.fused.join(sequence, sequence.cache, sequence.pending, sequence.tokens + [sequence.pending], sampling,
+                        seed, room)
+        sequence.cache = None  # the batch holds its positions now
+        sequence.recent = None  # the device keeps the penalty's ring
+
+    def _fused_step(self) -> None:
+        members = self.fused.members
+        self.steps += 1
+        self.batched_steps += len(members) > 1
+        self.max_rows_seen = max(self.max_rows_seen, len(members))
+        # Queue steps ahead (tokens and sampling stay on the device) while some row still needs
+        # them; a row that stops meanwhile wastes its share of the steps already queued.
+        useful = max(s.request.max_tokens - s.generated for s in members)
+        while len(self._queued) < min(self.ahead, useful):
+            self._queued.append(self.fused.advance())
+            mx.async_eval(self._queued[-1])
+        self._accept(self._queued.popleft().tolist())
+        if any(not s.decoding for s in self.fused.members):
+            self._drain()
+            self._leave_finished()
+
+    def _accept(self, tokens: list[int]) -> None:
+        for sequence, token in zip(self.fused.rows, tokens):
+            if sequence is not None and sequence.decoding:
+                sequence.fed()
+                sequence.accept(token)
+
+    def _drain(self) -> None:
+        """Read the steps queued ahead: each fed every row's pending token and sampled the next."""
+        while self._queued:
+            self.steps += 1
+            self._accept(self._queued.popleft().tolist())
+
+    def _leave_finished(self) -> None:
+        for sequence in self.fused.members:
+            if sequence.finished:  # its positions go back to it (the prompt cache keeps them)
+                sequence.cache = self.fused.leave(sequence, length=len(sequence.tokens))
+            elif sequence.cancelled:
+                self.fused.leave(sequence)
 
     @staticmethod
     def _reserve(decoding: list[LiveSequence]) -> int:

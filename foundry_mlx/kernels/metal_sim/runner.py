@@ -91,6 +91,7 @@ def run_metal_kernel(
     schedule: str = "concurrent",
     seed: int = 0,
     verbose: bool = False,
+    written_inputs: Sequence[str] = (),
 ) -> list[np.ndarray]:
     """Compile the kernel MLX would build and run it, one OS thread per GPU
     thread, threadgroup after threadgroup.
@@ -112,6 +113,9 @@ def run_metal_kernel(
     barriers and SIMD-group functions, in thread-index, reverse or random
     order: a correct kernel gives the same result under every schedule, a
     kernel missing a barrier between SIMD-groups does not.
+
+    ``written_inputs``: names of inputs the kernel writes in place (a KV cache); their
+    contents after the launch come back after the outputs, in this order.
 
     Raises MetalCompileError (clang's message) or MetalRuntimeError.
     """
@@ -159,6 +163,7 @@ def run_metal_kernel(
 
     buffers: list[_Buffer] = []
     outputs: list[_Buffer] = []
+    written: dict[str, tuple[_Buffer, np.ndarray]] = {}
     for parameter in kernel.parameters:
         if parameter.kind == "attribute":
             continue
@@ -180,6 +185,8 @@ def run_metal_kernel(
             else:
                 payload = np.array(array.ndim, dtype=np.int32)
             buffer = _buffer(parameter.name, payload)
+            if parameter.kind == "input" and parameter.name in written_inputs:
+                written[parameter.name] = (buffer, array)
         buffers.append(buffer)
 
     dims = (ctypes.c_int64 * 6)(*grid_dims, *group_dims)
@@ -205,4 +212,7 @@ def run_metal_kernel(
     for buffer, shape, dtype in zip(outputs, output_shapes, output_dtype_names, strict=True):
         storage = buffer.payload.copy().view(storage_dtype(dtype))
         results.append(output_array(dtype, storage.reshape(tuple(shape))))
+    for name in written_inputs:
+        buffer, array = written[name]
+        results.append(buffer.payload.copy().view(array.dtype).reshape(array.shape))
     return results
