@@ -62,3 +62,24 @@ def test_harness_catches_a_wrong_kernel():
                                  template=arguments["template"])
     with pytest.raises(AssertionError):
         compare(case, output, oracle(inputs))
+
+
+@pytest.mark.parametrize("case", [Case(70, 136, 256, bits=5, group=128), Case(9, 64, 160, bits=4, group=32,
+                                                                          bias=True, residual=True)],
+                         ids=lambda c: c.id)
+def test_two_stage_pipeline(case):
+    """The CUDA rendition's schedule (two stages: tile k+1 is staged while tile k multiplies, one
+    barrier per tile), the only part of it the simulator can run: the Metal rendition with two
+    stages (unpadded, to fit 32 KB), one thread at a time in reverse order, so a stage overwritten
+    while another SIMD-group still reads it shows up as a wrong result."""
+    inputs = make_inputs(case)
+    arguments = qgemm.launch("metal", **inputs).arguments()
+    source = qgemm_source.kernel_source("metal", case.bias, case.residual)
+    header, body = source.render("metal")
+    two_stages = header.replace("#define STAGES 1", "#define STAGES 2").replace("#define PAD 4", "#define PAD 0")
+    assert two_stages.count("#define STAGES 2") == 1
+    (output,) = run_metal_kernel("qgemm_two_stages", source.input_names, source.output_names, body, two_stages,
+                                 [to_numpy(a) for a in arguments["inputs"]], arguments["output_shapes"],
+                                 arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
+                                 template=arguments["template"], schedule="reverse")
+    compare(case, output, oracle(inputs))
