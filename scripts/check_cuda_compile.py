@@ -153,9 +153,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mlx-source", required=True, type=Path)
     parser.add_argument("--nvcc", default="nvcc")
+    parser.add_argument("--only", choices=["qgemm"], help="compile only this kernel family")
     args = parser.parse_args()
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
+        if args.only == "qgemm":
+            return 1 if compile_qgemm(args, Path(scratch)) else 0
         for dtype in ("float16", "float32"):
             header, body = sdpa.SOURCE.render("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}

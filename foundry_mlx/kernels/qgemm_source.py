@@ -74,6 +74,29 @@ __device__ __forceinline__ void foundry_load_words(const uint32_t* source, unsig
   }
 }
 #define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
+template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
+template <> __device__ __forceinline__ unsigned int foundry_pack2<__half>(float a, float b) {
+  const __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned int*>(&pair);
+}
+template <> __device__ __forceinline__ unsigned int foundry_pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const unsigned int*>(&pair);
+}
+// V values rounded to T, stored 8 at a time (16-byte stores: rows of LD = 40 are conflict-free).
+template <typename T, int V>
+__device__ __forceinline__ void foundry_store_values(T* target, const float* values) {
+#pragma unroll
+  for (int i = 0; i < V; i += 8) {
+    uint4 packed;
+    packed.x = foundry_pack2<T>(values[i], values[i + 1]);
+    packed.y = foundry_pack2<T>(values[i + 2], values[i + 3]);
+    packed.z = foundry_pack2<T>(values[i + 4], values[i + 5]);
+    packed.w = foundry_pack2<T>(values[i + 6], values[i + 7]);
+    *reinterpret_cast<uint4*>(target + i) = packed;
+  }
+}
+#define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
 """,
     "metal": """
 #define TILE_T float
@@ -92,6 +115,11 @@ inline void foundry_load_words(const device uint32_t* source, thread unsigned in
   for (int i = 0; i < W; ++i) target[i] = source[i];
 }
 #define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
+template <typename T, int V>
+inline void foundry_store_values(threadgroup float* target, thread const float* values) {
+  for (int i = 0; i < V; ++i) target[i] = static_cast<float>(static_cast<T>(values[i]));
+}
+#define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
 """,
 }
 
@@ -180,7 +208,7 @@ _SKELETON = """
   constexpr int GROUPS_PER_ROW = K / GROUP;
   constexpr int K_TILES = K / BK;
   constexpr unsigned int MASK = (1u << BITS) - 1u;
-  static_assert(BN <= THREADS, "one thread dequantizes each weight row of a tile");
+  static_assert(BN <= THREADS, "every weight row of a tile needs a thread to dequantize it");
   const int m_rows = x_shape[0];
   const int m_tiles = (m_rows + BM - 1) / BM;
   // M fastest: threadgroups that run together share a weight tile (x, the smaller operand, stays cached).
@@ -191,12 +219,19 @@ _SKELETON = """
   SHARED TILE_T w_tile[STAGES * BN * LD];
   const int warp_m = (int)warp / WARPS_N, warp_n = (int)warp % WARPS_N;
 
-  // Thread t < BN dequantizes weight row col0 + t of each tile: its BITS words, one scale, one bias
-  // (a 32-wide K tile never straddles a group: groups are 32, 64 or 128 and tiles start at k % 32 == 0).
-  const bool w_owner = (int)thread_id < BN;
-  const bool w_valid = w_owner && col0 + (int)thread_id < N;
-  const long w_row = w_valid ? col0 + (int)thread_id : 0;
-  unsigned int words[BITS + 1];
+  // Each weight row of a tile is dequantized by SPLIT threads, VALS values each: two where there
+  // are threads enough and half a 32-value chunk is whole words (4, 6, 8 bits), else one (5 bits).
+  // Per thread: its words, one scale, one bias (a 32-wide K tile never straddles a group: groups
+  // are 32, 64 or 128 and tiles start at k % 32 == 0).
+  constexpr int SPLIT = (THREADS >= 2 * BN && (16 * BITS) % 32 == 0) ? 2 : 1;
+  constexpr int VALS = BK / SPLIT;
+  constexpr int WORDS = VALS * BITS / 32;
+  const int w_local = (int)thread_id / SPLIT;
+  const int w_part = (int)thread_id % SPLIT;
+  const bool w_owner = w_local < BN;
+  const bool w_valid = w_owner && col0 + w_local < N;
+  const long w_row = w_valid ? col0 + w_local : 0;
+  unsigned int words[WORDS + 1];
   float w_scale = 0.0f, w_bias = 0.0f;
 {accumulators}
 
@@ -209,7 +244,7 @@ _SKELETON = """
   }}
 #define FETCH_W(kt_) \\
   if (w_owner) {{ \\
-    LOAD_WORDS(BITS, w + w_row * WORDS_PER_ROW + (long)(kt_) * BITS, words); \\
+    LOAD_WORDS(WORDS, w + w_row * WORDS_PER_ROW + (long)(kt_) * BITS + w_part * WORDS, words); \\
     const long g = w_row * GROUPS_PER_ROW + (kt_) * BK / GROUP; \\
     w_scale = static_cast<float>(scales[g]); \\
     w_bias = static_cast<float>(biases[g]); \\
@@ -217,14 +252,15 @@ _SKELETON = """
   // Values are rounded to T as mx.dequantize's are, so the tile multiply sees the reference's weights.
 #define STORE_W(stage_) \\
   if (w_owner) {{ \\
-    words[BITS] = 0u; \\
-    UNROLL for (int i = 0; i < BK; ++i) {{ \\
+    words[WORDS] = 0u; \\
+    float values[VALS]; \\
+    UNROLL for (int i = 0; i < VALS; ++i) {{ \\
       const int bit = i * BITS, shift = bit & 31; \\
       unsigned int q = words[bit >> 5] >> shift; \\
       if (shift + BITS > 32) q |= words[(bit >> 5) + 1] << (32 - shift); \\
-      const float value = w_valid ? w_scale * static_cast<float>(q & MASK) + w_bias : 0.0f; \\
-      w_tile[(stage_) * BN * LD + (int)thread_id * LD + i] = static_cast<TILE_T>(static_cast<T>(value)); \\
+      values[i] = w_valid ? w_scale * static_cast<float>(q & MASK) + w_bias : 0.0f; \\
     }} \\
+    STORE_VALUES(T, VALS, w_tile + (stage_) * BN * LD + w_local * LD + w_part * VALS, values); \\
   }}
 {finish}
 
