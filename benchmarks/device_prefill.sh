@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 R=/tmp/results-prefill; mkdir -p $R
 trap 'tar czf "$OUT/results.tgz" -C $R .' EXIT
 if [ "${TESTS:-1}" != 0 ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -p no:cacheprovider \
+  timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -p no:cacheprovider \
     2>&1 | tail -60 | tee $R/h200-qgemm-gpu-tests.log
 fi
 if [ "${MICRO:-1}" != 0 ]; then

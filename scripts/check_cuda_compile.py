@@ -141,8 +141,8 @@ def compile_qgemm(args, scratch: Path) -> bool:
                     source = qgemm_source.kernel_source("cuda", bias, residual)
                     types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype,
                              "residual": dtype}
-                    template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("N", 4608), ("K", 3584),
-                                ("BM", tile[0]), ("BN", tile[1]), ("WARPS_M", tile[2]), ("WARPS_N", tile[3])]
+                    template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
+                                ("WARPS_M", tile[2]), ("WARPS_N", tile[3])]
                     label = f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
                     failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
                                        [("y", dtype)], template)

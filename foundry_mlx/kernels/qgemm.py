@@ -62,8 +62,8 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
         inputs.append(bias)
     if residual is not None:
         inputs.append(residual.reshape(m, n))
-    template = [("T", x.dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("N", n), ("K", k),
-                ("BM", block_m), ("BN", block_n), ("WARPS_M", warps_m), ("WARPS_N", warps_n)]
+    template = [("T", x.dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("BM", block_m),
+                ("BN", block_n), ("WARPS_M", warps_m), ("WARPS_N", warps_n)]
     threads = warps_m * warps_n * 32
     groups = -(-m // block_m) * -(-n // block_n)
     return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (m, n), x.dtype)

@@ -204,12 +204,16 @@ _SKELETON = """
   constexpr int LD = BK + PAD;                             // padded rows: conflict-free fragment loads
   constexpr int THREADS = WARPS_M * WARPS_N * 32;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;      // each warp's share of the output tile
-  constexpr int WORDS_PER_ROW = K * BITS / 32;
-  constexpr int GROUPS_PER_ROW = K / GROUP;
-  constexpr int K_TILES = K / BK;
+  // M, N and K are read from the shapes, not baked in: one compiled kernel per (T, bits, group,
+  // tile) serves every matrix of a model and every prompt length.
+  const int m_rows = x_shape[0];
+  const int K = x_shape[1];
+  const int N = w_shape[0];
+  const int WORDS_PER_ROW = K * BITS / 32;
+  const int GROUPS_PER_ROW = K / GROUP;
+  const int K_TILES = K / BK;
   constexpr unsigned int MASK = (1u << BITS) - 1u;
   static_assert(BN <= THREADS, "every weight row of a tile needs a thread to dequantize it");
-  const int m_rows = x_shape[0];
   const int m_tiles = (m_rows + BM - 1) / BM;
   // M fastest: threadgroups that run together share a weight tile (x, the smaller operand, stays cached).
   const int tile_m = (int)group_id % m_tiles;
@@ -307,7 +311,7 @@ def input_names(bias: bool, residual: bool) -> tuple[str, ...]:
 
 
 def kernel_source(backend: str, bias: bool = False, residual: bool = False) -> KernelSource:
-    """The GEMM for `backend` (template: T, BITS, GROUP, N, K, BM, BN, WARPS_M, WARPS_N)."""
+    """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N; M, N, K from the shapes)."""
     body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
                             store=_STORE[backend], finish=_finish(bias, residual))
     return KernelSource(kernel_name(bias, residual), input_names(bias, residual), ("y",), body, _HEADER[backend])
