@@ -53,7 +53,7 @@ def test_harness_catches_a_wrong_kernel():
     launch = qgemm.launch("metal", **inputs)
     source = qgemm_source.kernel_source("metal")
     header, body = source.render("metal")
-    broken = body.replace("static_cast<float>(q & MASK) + w_bias", "static_cast<float>(q & MASK)")
+    broken = body.replace("Q_TO_FLOAT(q & MASK) + w_bias", "Q_TO_FLOAT(q & MASK)")
     assert broken != body
     arguments = launch.arguments()
     (output,) = run_metal_kernel("broken_qgemm", source.input_names, source.output_names, broken, header,
