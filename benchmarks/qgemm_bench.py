@@ -5,7 +5,8 @@ lm_head), 4-bit weights in groups of 64 (mlx-lm's default), float16 x of M = 16,
 rows, it times both and prints µs per call, TFLOP/s (2·M·N·K / time) and MLX's time over ours
 (> 1: the kernel wins). Timing: `calls` independent calls are queued and evaluated together
 (enough for ~20 ms), the median of `--trials` such batches is kept, divided by `calls`; the two
-implementations alternate batch by batch. The first call of each (NVRTC compile, MLX's JIT) is
+implementations alternate batch by batch. On CUDA the other plausible tiles (qgemm.CUDA_TILES) are
+timed too, so the tile rule can follow the measurements. The first call of each (NVRTC compile, MLX's JIT) is
 excluded and reported as warm-up time. A shape that fails to compile or run is reported, not
 fatal; past `--budget` seconds the remaining points are skipped (and listed as such).
 
@@ -81,24 +82,36 @@ def measure(functions: dict, trials: int) -> dict:
     return result
 
 
-def run_point(backend: str, weight: QuantizedWeight, m: int, n: int, k: int, trials: int) -> dict:
+def candidate_tiles(m: int) -> dict:
+    """The CUDA tiles worth timing at this M besides the one `qgemm.tile` picks."""
+    return {name: shape for name, shape in qgemm.CUDA_TILES.items() if min(m, 128) / 2 <= shape[0] <= max(m, 16)}
+
+
+def run_point(backend: str, weight: QuantizedWeight, m: int, n: int, k: int, trials: int, tiles: bool) -> dict:
     x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(mx.float16)
     mx.eval(x)
-
-    def ours():
-        return qgemm.run(backend, x, weight)
 
     def stock():
         return mx.quantized_matmul(x, weight.weight, weight.scales, weight.biases, transpose=True,
                                    group_size=GROUP, bits=BITS)
 
-    a, b = ours(), stock()
+    functions = {"ours": lambda: qgemm.run(backend, x, weight), "mlx": stock}
+    chosen = qgemm.tile(backend, m, n)
+    if tiles and backend == "cuda":
+        for name, shape in candidate_tiles(m).items():
+            if shape != chosen:
+                functions[f"tile_{name}"] = lambda shape=shape: qgemm.run(backend, x, weight, tile_shape=shape)
+    a, b = functions["ours"](), stock()
     error = (mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max() / mx.abs(b.astype(mx.float32)).max()).item()
-    point = dict(max_rel_diff_vs_mlx=round(error, 5), **measure({"ours": ours, "mlx": stock}, trials))
+    point = dict(tile="x".join(map(str, chosen[:2])), max_rel_diff_vs_mlx=round(error, 5),
+                 **measure(functions, trials))
     flops = 2.0 * m * n * k
     point["ours_tflops"] = round(flops / point["ours_us"] / 1e6, 1)
     point["mlx_tflops"] = round(flops / point["mlx_us"] / 1e6, 1)
     point["speedup"] = round(point["mlx_us"] / point["ours_us"], 3)
+    others = {key[5:-3]: value for key, value in point.items() if key.startswith("tile_") and key.endswith("_us")}
+    best = min(others.items(), key=lambda item: item[1], default=(point["tile"], point["ours_us"]))
+    point["best_tile"], point["best_tile_us"] = best if best[1] < point["ours_us"] else (point["tile"], point["ours_us"])
     return point
 
 
@@ -106,15 +119,17 @@ def markdown(rows: list[dict], info: dict, seconds: float) -> str:
     lines = [f"# Quantized GEMM vs mx.quantized_matmul ({BITS}-bit, group {GROUP}, float16)", "",
              f"{info.get('device')} · mlx {info.get('mlx')} · revision {info.get('git_revision')} · "
              f"{seconds:.0f} s", "",
-             "| model | matrix | N | K | M | ours µs | MLX µs | ours TFLOP/s | MLX TFLOP/s | MLX/ours | max rel diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | matrix | N | K | M | tile | ours µs | MLX µs | ours TFLOP/s | MLX TFLOP/s | MLX/ours "
+             "| best tile (µs) | max rel diff |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         head = f"| {r['model']} | {r['matrix']} | {r['n']} | {r['k']} | {r['m']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} | | | | | |")
+            lines.append(f"{head} | {r['error']} | | | | | | |")
         else:
-            lines.append(f"{head} {r['ours_us']} | {r['mlx_us']} | {r['ours_tflops']} | {r['mlx_tflops']} | "
-                         f"{r['speedup']} | {r['max_rel_diff_vs_mlx']} |")
+            lines.append(f"{head} {r['tile']} | {r['ours_us']} | {r['mlx_us']} | {r['ours_tflops']} | "
+                         f"{r['mlx_tflops']} | {r['speedup']} | {r['best_tile']} ({r['best_tile_us']}) | "
+                         f"{r['max_rel_diff_vs_mlx']} |")
     wins = [r for r in rows if r.get("speedup", 0) > WIN and r.get("max_rel_diff_vs_mlx", 1) < 0.02]
     lines += ["", f"Entries for kernels/qgemm_table.py (kernel faster by > {WIN - 1:.0%}):", "", "```python"]
     lines += [f"(\"{info.get('backend')}\", {r['m']}, {r['n']}, {r['k']}, {BITS}, {GROUP}): True,  "
@@ -129,6 +144,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="7B shapes at M = 512 and 2048 only")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--budget", type=float, default=200.0, help="seconds; later points are skipped")
+    parser.add_argument("--no-tiles", action="store_true", help="time only the tile qgemm.tile picks")
     args = parser.parse_args()
     backend = kernels.gpu_backend()
     if backend is None:
@@ -149,7 +165,7 @@ def main() -> int:
             else:
                 try:
                     weight = weight or quantized(n, k, index)
-                    row |= run_point(backend, weight, m, n, k, args.trials)
+                    row |= run_point(backend, weight, m, n, k, args.trials, not args.no_tiles)
                 except Exception as error:  # a shape that fails to compile or run is a result
                     row["error"] = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     traceback.print_exc(limit=2)
@@ -159,7 +175,8 @@ def main() -> int:
                 print(f"{label:>14s} {n:7d} {k:6d} {m:5d} {row['error']}", flush=True)
             else:
                 print(f"{label:>14s} {n:7d} {k:6d} {m:5d} {row['ours_us']:9.1f} {row['mlx_us']:9.1f} "
-                      f"{row['ours_tflops']:9.1f} {row['mlx_tflops']:9.1f} {row['speedup']:8.2f}", flush=True)
+                      f"{row['ours_tflops']:9.1f} {row['mlx_tflops']:9.1f} {row['speedup']:8.2f}  "
+                      f"{row['tile']} (best {row['best_tile']} {row['best_tile_us']})", flush=True)
         del weight
     seconds = time.perf_counter() - began
     info = machine_info()

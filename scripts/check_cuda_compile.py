@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import embed, qgemm_source, qgemv, sample, sdpa  # noqa: E402
+from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, sample, sdpa  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -134,7 +134,7 @@ def compile_qgemm(args, scratch: Path) -> bool:
     failed = False
     for dtype in ("float16", "bfloat16"):
         for bits, group in ((4, 64), (5, 32), (6, 128), (8, 32)):
-            for tile in ((128, 128, 2, 4), (64, 128, 1, 4)):
+            for tile in qgemm.CUDA_TILES.values():
                 for bias, residual in ((False, False), (True, True)):
                     if (bias or residual) and (bits, tile[0]) != (4, 128):
                         continue

@@ -26,18 +26,26 @@ GROUP_SIZES = (32, 64, 128)
 BITS = (4, 5, 6, 8)
 
 
-def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
-    """(BM, BN, warps along M, warps along N) for one launch.
+# (BM, BN, warps along M, warps along N): each warp computes (BM / warps_m) x (BN / warps_n).
+CUDA_TILES = {
+    "128x128": (128, 128, 2, 4),  # 8 warps of 64x32 (4x4 mma fragments): the large-M tile
+    "64x128": (64, 128, 1, 4),    # 4 warps of 64x32: more threadgroups for narrow N or mid M
+    "32x128": (32, 128, 1, 4),    # 4 warps of 32x32
+    "16x128": (16, 128, 1, 4),    # 4 warps of 16x32: M <= 16 without computing padding rows
+}
+METAL_TILE = (64, 64, 2, 2)  # 4 SIMD-groups of 32x32; float tiles of 2x64x36 fit 32 KB
 
-    CUDA: 128x128 tiles of 8 warps (64x32 each: 4x4 mma fragments) when that still gives about two
-    waves of threadgroups on an H200's 132 SMs, else 64x128 tiles of 4 warps (small M or narrow N).
-    Metal: 64x64 tiles of 4 SIMD-groups (32x32 each); float tiles of 2x64x36 fit 32 KB.
-    """
+
+def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
+    """The tile for one launch. CUDA: the smallest tile that covers M for tiny M; 128x128 when that
+    still gives two waves of threadgroups on an H200's 132 SMs, else 64x128 (mid M, narrow N)."""
     if backend == "metal":
-        return 64, 64, 2, 2
+        return METAL_TILE
+    if m <= 32:
+        return CUDA_TILES["16x128" if m <= 16 else "32x128"]
     if -(-m // 128) * -(-n // 128) >= 264:
-        return 128, 128, 2, 4
-    return 64, 128, 1, 4
+        return CUDA_TILES["128x128"]
+    return CUDA_TILES["64x128"]
 
 
 def supported(x: mx.array, weight: QuantizedWeight) -> bool:
@@ -48,15 +56,16 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 
 
 def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
-           residual: mx.array | None = None) -> Launch:
-    """Arguments for one call on x (..., K): the output is (M, N), M the product of x's leading axes."""
+           residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None) -> Launch:
+    """Arguments for one call on x (..., K): the output is (M, N), M the product of x's leading axes.
+    `tile_shape` overrides the chosen tile (the benchmark compares them)."""
     if not supported(x, weight):
         raise ValueError(f"quantized GEMM does not handle x {x.shape} {x.dtype} with {weight.bits}-bit "
                          f"weights {weight.shape}, group {weight.group_size}")
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    block_m, block_n, warps_m, warps_n = tile(backend, m, n)
+    block_m, block_n, warps_m, warps_n = tile_shape or tile(backend, m, n)
     inputs = [x2, weight.weight, weight.scales, weight.biases]
     if bias is not None:
         inputs.append(bias)
@@ -87,13 +96,13 @@ _kernels: dict[tuple[str, bool, bool], object] = {}
 
 
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
-        residual: mx.array | None = None) -> mx.array:
+        residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None) -> mx.array:
     """The kernel's y (M, N) on `backend`; kernel objects are built once per (backend, epilogue)."""
     key = (backend, bias is not None, residual is not None)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = _kernels[key] = qgemm_source.kernel_source(backend, *key[1:]).build(backend)
-    return kernel(**launch(backend, x, weight, bias, residual).arguments())[0]
+    return kernel(**launch(backend, x, weight, bias, residual, tile_shape).arguments())[0]
 
 
 def routed(backend: str | None, x: mx.array, weight: QuantizedWeight) -> bool:

@@ -79,3 +79,14 @@ def test_prefill_logits_with_the_kernel_match_the_reference(monkeypatch):
     assert np.abs(ours - reference).max() / scale < 0.02
     agree = (ours.argmax(-1) == reference.argmax(-1)).mean()
     assert agree >= 0.9, f"top-1 agrees at {agree:.0%} of positions"
+
+
+@pytest.mark.parametrize("tile_name", sorted(qgemm.CUDA_TILES))
+def test_every_cuda_tile(backend, tile_name):
+    """Each tile the benchmark may choose, on a shape ragged in M and N (guards in every tile)."""
+    if backend != "cuda":
+        pytest.skip("CUDA tiles")
+    case = Case(77, 1000, 640, bits=5, group=32, bias=True, residual=True, name=f"tile{tile_name}_")
+    inputs = make_inputs(case)
+    ours = qgemm.run(backend, **inputs, tile_shape=qgemm.CUDA_TILES[tile_name])
+    compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
