@@ -59,7 +59,7 @@ def test_prefill_logits_with_the_kernel_match_the_reference(monkeypatch):
     with FOUNDRY_QGEMM=1 (every quantized product through the kernel) vs MLX's quantized_matmul.
     Both round to float16 after every product and differ only in accumulation order and where
     rounding happens; over 24 layers that stays within 2% of the logits' scale (the decode
-    kernels' bound in tests/kernels/test_kernels_gpu.py), and the top-1 tokens agree."""
+    kernels' bound in tests/kernels/test_kernels_gpu.py)."""
     from foundry_mlx.random_model import make_random_model
 
     model, _ = make_random_model("qwen2.5-0.5b", "4bit", mx.float16, seed=4)
@@ -76,9 +76,8 @@ def test_prefill_logits_with_the_kernel_match_the_reference(monkeypatch):
     reference, ours = logits["0"], logits["1"]
     scale = np.abs(reference).max()
     assert np.isfinite(ours).all()
-    assert np.abs(ours - reference).max() / scale < 0.02
-    agree = (ours.argmax(-1) == reference.argmax(-1)).mean()
-    assert agree >= 0.9, f"top-1 agrees at {agree:.0%} of positions"
+    error = np.abs(ours - reference).max() / scale
+    assert error < 0.02, f"logits differ by {error:.3g} of their scale"
 
 
 @pytest.mark.parametrize("tile_name", sorted(qgemm.CUDA_TILES))
