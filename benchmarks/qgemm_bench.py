@@ -34,11 +34,11 @@ from foundry_mlx.bench import machine_info  # noqa: E402
 from foundry_mlx.kernels import qgemm  # noqa: E402
 from foundry_mlx.quant import QuantizedWeight  # noqa: E402
 
-SHAPES = [  # (model, matrix, N, K)
-    ("0.5b", "qkv", 896 + 2 * 128, 896), ("0.5b", "o", 896, 896), ("0.5b", "gate_up", 2 * 4864, 896),
-    ("0.5b", "down", 896, 4864), ("0.5b", "lm_head", 151936, 896),
+SHAPES = [  # (model, matrix, N, K); the 7B first: the target, measured before any budget cut
     ("7b", "qkv", 3584 + 2 * 512, 3584), ("7b", "o", 3584, 3584), ("7b", "gate_up", 2 * 18944, 3584),
     ("7b", "down", 3584, 18944), ("7b", "lm_head", 152064, 3584),
+    ("0.5b", "qkv", 896 + 2 * 128, 896), ("0.5b", "o", 896, 896), ("0.5b", "gate_up", 2 * 4864, 896),
+    ("0.5b", "down", 896, 4864), ("0.5b", "lm_head", 151936, 896),
 ]
 ROWS = (16, 128, 512, 2048)
 BITS, GROUP = 4, 64
