@@ -4,7 +4,8 @@ Models call only these functions. Each has a reference implementation in plain `
 (MLX's own fused paths: `fast.rms_norm`, `quantized_matmul`, `fast.rope`,
 `fast.scaled_dot_product_attention`); that is the CPU path and the oracle for the kernels. When a
 custom-kernel backend is active (`kernels.backend()`), single-token decode steps are routed to
-its kernels instead; prefill always stays on MLX's GEMM paths, which batch far better.
+its kernels instead. Prefill's quantized products stay on MLX's `quantized_matmul` except for
+the shapes where kernels/qgemm_table.py records that our quantized GEMM measured faster.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import kernels
+from .kernels import qgemm
 from .layers import Linear, RoPE
 
 
@@ -25,6 +27,13 @@ def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.a
     custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and layer.bits is not None:
         return custom.linear(x, layer, residual=residual)
+    if layer.bits is not None and x.ndim > 1 and x.size > x.shape[-1]:
+        backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+        weight = layer.quantized
+        if qgemm.routed(backend, x, weight):
+            bias = layer.bias if "bias" in layer else None
+            y = qgemm.run(backend, x, weight, bias=bias, residual=residual)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
     y = layer.matmul(x)
     if "bias" in layer:
         y = y + layer.bias

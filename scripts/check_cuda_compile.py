@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import embed, qgemv, qgemv_batch, sample, sdpa  # noqa: E402
+from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, sample, sdpa  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -29,7 +29,11 @@ def mlx_cuda_source(name: str, inputs: list[tuple[str, str]], outputs: list[tupl
                     template: list[tuple[str, object]]) -> str:
     lines = ['#include "mlx/backend/cuda/device/utils.cuh"', "", "#include <cooperative_groups.h>", "", header,
              "namespace mlx::core::cu {", "", "namespace cg = cooperative_groups;", "", f"__global__ void {name}("]
-    params = [f"    const {CUDA_TYPES[dtype]}* {arg}" for arg, dtype in inputs]
+    params = []
+    for arg, dtype in inputs:  # MLX adds `<name>_shape` after an input whose shape the body reads
+        params.append(f"    const {CUDA_TYPES[dtype]}* {arg}")
+        if f"{arg}_shape" in body:
+            params.append(f"    const __grid_constant__ Shape {arg}_shape")
     params += [f"    {CUDA_TYPES[dtype]}* {arg}" for arg, dtype in outputs]
     lines.append(",\n".join(params) + ") {")
     for key, value in template:
@@ -165,13 +169,36 @@ def compile_layer(args, scratch: Path) -> bool:
     return failed
 
 
+def compile_qgemm(args, scratch: Path) -> bool:
+    """The prefill GEMM (kernels/qgemm.py): both tiles, both dtypes, every bit width, each epilogue."""
+    failed = False
+    for dtype in ("float16", "bfloat16"):
+        for bits, group in ((4, 64), (5, 32), (6, 128), (8, 32)):
+            for tile in qgemm.CUDA_TILES.values():
+                for bias, residual in ((False, False), (True, True)):
+                    if (bias or residual) and (bits, tile[0]) != (4, 128):
+                        continue
+                    source = qgemm_source.kernel_source("cuda", bias, residual)
+                    types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype,
+                             "residual": dtype}
+                    template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
+                                ("WARPS_M", tile[2]), ("WARPS_N", tile[3])]
+                    label = f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
+                    failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
+                                       [("y", dtype)], template)
+    return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mlx-source", required=True, type=Path)
     parser.add_argument("--nvcc", default="nvcc")
+    parser.add_argument("--only", choices=["qgemm"], help="compile only this kernel family")
     args = parser.parse_args()
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
+        if args.only == "qgemm":
+            return 1 if compile_qgemm(args, Path(scratch)) else 0
         for dtype in ("float16", "float32"):
             header, body = sdpa.SOURCE.launch_text("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}
@@ -186,7 +213,7 @@ def main() -> int:
             if result.returncode:
                 print(result.stderr[-3000:])
                 return 1
-        if compile_fused(args, Path(scratch)):
+        if compile_qgemm(args, Path(scratch)) or compile_fused(args, Path(scratch)):
             return 1
         for variant, dtype, bits in variants():
             source = qgemv.kernel_source(variant, "cuda")

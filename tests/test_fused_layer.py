@@ -92,11 +92,12 @@ def test_every_kernel_source_compacts_to_the_same_tokens():
     """What MLX is given is the rendered kernel minus comments and layout, token for token."""
     import re
 
-    from foundry_mlx.kernels import embed, sample, sdpa
+    from foundry_mlx.kernels import embed, qgemm_source, sample, sdpa
     from foundry_mlx.kernels.source import compact
 
     sources = [qgemv.kernel_source(qgemv.Variant(norm=True, bias=True, rope=True, fused=True), "cuda", 1e-6),
-               sdpa.fused_source(0.125), embed.kernel_source(), sample.kernel_source("cuda")]
+               sdpa.fused_source(0.125), embed.kernel_source(), sample.kernel_source("cuda"),
+               qgemm_source.kernel_source("cuda", bias=True, residual=True)]
     for source in sources:
         for backend in ("cuda", "metal"):
             for text in source.render(backend):

@@ -1,0 +1,115 @@
+"""Quantized GEMM for prefill: y = x @ dequant(W)ᵀ (+ bias) (+ residual), W in MLX's affine layout.
+
+Prefill multiplies M tokens (16 to 4096) by every weight matrix, so it is bound by arithmetic,
+not by streaming weights as decode is. The kernel fuses the dequantization into the GEMM: each
+threadgroup owns a BM×BN output tile, walks K in tiles of 32, and per tile stages x in shared
+memory and dequantizes the weight tile there (scale·q + bias, rounded to T as `mx.dequantize`
+rounds), so the dense weights never exist in device memory. The tile multiply runs on the tensor
+cores (CUDA: `mma.sync.m16n8k16`, fp16/bf16 in, fp32 accumulate) or SIMD-group matrices (Metal);
+the source is in kernels/qgemm_source.py. The optional epilogue adds the layer's bias and the
+residual stream, as `ops.linear` would after MLX's `quantized_matmul`.
+
+Whether prefill uses it is decided per shape by measurements (kernels/qgemm_table.py): MLX's own
+`quantized_matmul` stays the default wherever nothing says the kernel wins.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..quant import QuantizedWeight
+from . import qgemm_source, qgemm_table
+from .qgemv import Launch
+
+DTYPES = (mx.float16, mx.bfloat16)
+GROUP_SIZES = (32, 64, 128)
+BITS = (4, 5, 6, 8)
+
+
+# (BM, BN, warps along M, warps along N): each warp computes (BM / warps_m) x (BN / warps_n).
+CUDA_TILES = {
+    "128x128": (128, 128, 2, 4),  # 8 warps of 64x32 (4x4 mma fragments): the large-M tile
+    "64x128": (64, 128, 1, 4),    # 4 warps of 64x32: more threadgroups for narrow N or mid M
+    "32x128": (32, 128, 1, 4),    # 4 warps of 32x32
+    "16x128": (16, 128, 1, 4),    # 4 warps of 16x32: M <= 16 without computing padding rows
+}
+METAL_TILE = (64, 64, 2, 2)  # 4 SIMD-groups of 32x32; float tiles of 2x64x36 fit 32 KB
+
+
+def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
+    """The tile for one launch. CUDA: the smallest tile that covers M for tiny M; 128x128 when that
+    still gives two waves of threadgroups on an H200's 132 SMs, else 64x128 (mid M, narrow N)."""
+    if backend == "metal":
+        return METAL_TILE
+    if m <= 32:
+        return CUDA_TILES["16x128" if m <= 16 else "32x128"]
+    if -(-m // 128) * -(-n // 128) >= 264:
+        return CUDA_TILES["128x128"]
+    return CUDA_TILES["64x128"]
+
+
+def supported(x: mx.array, weight: QuantizedWeight) -> bool:
+    """Whether the kernel handles this input and weight (else MLX's quantized_matmul must)."""
+    _, k = weight.shape
+    return (x.dtype in DTYPES and weight.bits in BITS and weight.group_size in GROUP_SIZES
+            and k % weight.group_size == 0 and x.shape[-1] == k and weight.scales.dtype == x.dtype)
+
+
+def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
+           residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None) -> Launch:
+    """Arguments for one call on x (..., K): the output is (M, N), M the product of x's leading axes.
+    `tile_shape` overrides the chosen tile (the benchmark compares them)."""
+    if not supported(x, weight):
+        raise ValueError(f"quantized GEMM does not handle x {x.shape} {x.dtype} with {weight.bits}-bit "
+                         f"weights {weight.shape}, group {weight.group_size}")
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    block_m, block_n, warps_m, warps_n = tile_shape or tile(backend, m, n)
+    inputs = [x2, weight.weight, weight.scales, weight.biases]
+    if bias is not None:
+        inputs.append(bias)
+    if residual is not None:
+        inputs.append(residual.reshape(m, n))
+    template = [("T", x.dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("BM", block_m),
+                ("BN", block_n), ("WARPS_M", warps_m), ("WARPS_N", warps_n)]
+    threads = warps_m * warps_n * 32
+    groups = -(-m // block_m) * -(-n // block_n)
+    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (m, n), x.dtype)
+
+
+def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
+              residual: mx.array | None = None) -> mx.array:
+    """The twin in plain `mlx` ops: dequantize, then a dense matmul; (M, N) like the kernel."""
+    n, k = weight.shape
+    dense = mx.dequantize(weight.weight, weight.scales, weight.biases, group_size=weight.group_size,
+                          bits=weight.bits)
+    y = x.reshape(-1, k) @ dense.T
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = residual.reshape(-1, n) + y
+    return y
+
+
+_kernels: dict[tuple[str, bool, bool], object] = {}
+
+
+def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
+        residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None) -> mx.array:
+    """The kernel's y (M, N) on `backend`; kernel objects are built once per (backend, epilogue)."""
+    key = (backend, bias is not None, residual is not None)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = qgemm_source.kernel_source(backend, *key[1:]).build(backend)
+    return kernel(**launch(backend, x, weight, bias, residual, tile_shape).arguments())[0]
+
+
+def routed(backend: str | None, x: mx.array, weight: QuantizedWeight) -> bool:
+    """Whether `ops.linear` should run this product through the kernel: a GPU backend, a shape the
+    kernel handles, and the measured table (or FOUNDRY_QGEMM) saying it wins."""
+    if backend is None or not supported(x, weight):
+        return False
+    n, k = weight.shape
+    m = x.size // k
+    return qgemm_table.use_kernel(backend, m, n, k, weight.bits, weight.group_size)

@@ -1,0 +1,321 @@
+"""The quantized GEMM's source: one tile algorithm (kernels/qgemm.py), two renditions.
+
+The skeleton (tile walk, x staging, weight dequantization, pipeline, guarded epilogue) is written
+once; each backend supplies only the tile multiply and how a fragment's elements map to the output:
+
+| part                 | CUDA (`mx.fast.cuda_kernel`)                   | Metal (`mx.fast.metal_kernel`)           |
+|----------------------|------------------------------------------------|------------------------------------------|
+| x tile → shared      | `cp.async` (16 bytes, zero-fill past M)        | plain copy, converted to float           |
+| stages               | 2 (next tile lands while this one multiplies)  | 1 (no asynchronous copy)                 |
+| tile element         | T (what the tensor cores read)                 | float (simdgroup_float8x8 throughout)    |
+| fragments            | `ldmatrix` + `mma.sync.m16n8k16`, fp32 accum   | `simdgroup_load` + `multiply_accumulate` |
+
+Metal tiles hold float because MSL's `simdgroup_multiply_accumulate` takes one element type for all
+operands and a half accumulator would lose the fp32 accumulation the CUDA rendition keeps.
+"""
+
+from __future__ import annotations
+
+from .source import KernelSource
+
+BK = 32  # K per tile: one 32-value chunk of a weight row = BITS whole uint32 words
+
+_HEADER = {
+    "cuda": """
+#define TILE_T T
+#define TILE_SPACE
+#define STAGES 2
+#define PAD 8
+#define UNROLL _Pragma("unroll")
+#define WAIT_COPIES() asm volatile("cp.async.wait_all;\\n" ::: "memory")
+// q < 2^23 as a float without I2F (a quarter-rate conversion that would rival the tensor cores' time
+// per tile): its bits under the exponent of 2^23, minus 2^23. Exact.
+#define Q_TO_FLOAT(q) (__uint_as_float(0x4B000000u | (q)) - 8388608.0f)
+// 16 bytes global → shared without passing through registers; src-size 0 writes zeros (rows past M).
+__device__ __forceinline__ void foundry_copy8(void* target, const void* source, bool valid) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(target));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\\n" :: "r"(address), "l"(source),
+               "r"(valid ? 16 : 0) : "memory");
+}
+#define COPY_X8(target, source, valid) foundry_copy8(target, source, valid)
+__device__ __forceinline__ void foundry_ldmatrix_x4(unsigned* r, const void* pointer) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+template <typename T> __device__ void foundry_mma(float* c, const unsigned* a, const unsigned* b);
+template <> __device__ __forceinline__ void foundry_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void foundry_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// A chunk's BITS words: 16-byte loads where the chunk is 16-byte aligned (4 and 8 bits), else 8 or 4.
+template <int W>
+__device__ __forceinline__ void foundry_load_words(const uint32_t* source, unsigned int* target) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(source)[i];
+      target[4 * i] = v.x; target[4 * i + 1] = v.y; target[4 * i + 2] = v.z; target[4 * i + 3] = v.w;
+    }
+  } else if constexpr (W % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < W / 2; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(source)[i];
+      target[2 * i] = v.x; target[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; ++i) target[i] = source[i];
+  }
+}
+#define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
+template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
+template <> __device__ __forceinline__ unsigned int foundry_pack2<__half>(float a, float b) {
+  const __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned int*>(&pair);
+}
+template <> __device__ __forceinline__ unsigned int foundry_pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const unsigned int*>(&pair);
+}
+// V values rounded to T, stored 8 at a time (16-byte stores: rows of LD = 40 are conflict-free).
+template <typename T, int V>
+__device__ __forceinline__ void foundry_store_values(T* target, const float* values) {
+#pragma unroll
+  for (int i = 0; i < V; i += 8) {
+    uint4 packed;
+    packed.x = foundry_pack2<T>(values[i], values[i + 1]);
+    packed.y = foundry_pack2<T>(values[i + 2], values[i + 3]);
+    packed.z = foundry_pack2<T>(values[i + 4], values[i + 5]);
+    packed.w = foundry_pack2<T>(values[i + 6], values[i + 7]);
+    *reinterpret_cast<uint4*>(target + i) = packed;
+  }
+}
+#define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
+""",
+    "metal": """
+#define TILE_T float
+#define TILE_SPACE threadgroup
+#define STAGES 1
+#define PAD 4
+#define UNROLL _Pragma("clang loop unroll(full)")
+#define WAIT_COPIES()
+#define Q_TO_FLOAT(q) static_cast<float>(q)
+template <typename T>
+inline void foundry_copy8(threadgroup float* target, const device T* source, bool valid) {
+  for (int i = 0; i < 8; ++i) target[i] = valid ? static_cast<float>(source[i]) : 0.0f;
+}
+#define COPY_X8(target, source, valid) foundry_copy8(target, source, valid)
+template <int W>
+inline void foundry_load_words(const device uint32_t* source, thread unsigned int* target) {
+  for (int i = 0; i < W; ++i) target[i] = source[i];
+}
+#define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
+template <typename T, int V>
+inline void foundry_store_values(threadgroup float* target, thread const float* values) {
+  for (int i = 0; i < V; ++i) target[i] = static_cast<float>(static_cast<T>(values[i]));
+}
+#define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
+""",
+}
+
+# Accumulators, the multiply of one staged tile, and where each accumulator element lands.
+_ACCUMULATORS = {
+    "cuda": """
+  constexpr int MT = WM / 16, NT = WN / 8;               // m16n8 fragments per warp
+  float acc[MT][NT][4];
+  UNROLL for (int i = 0; i < MT; ++i) UNROLL for (int j = 0; j < NT; ++j) UNROLL for (int e = 0; e < 4; ++e)
+    acc[i][j][e] = 0.0f;""",
+    "metal": """
+  constexpr int MT = WM / 8, NT = WN / 8;                // 8x8 fragments per SIMD-group
+  simdgroup_float8x8 acc[MT][NT];
+  UNROLL for (int i = 0; i < MT; ++i) UNROLL for (int j = 0; j < NT; ++j)
+    acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);""",
+}
+
+_MULTIPLY = {
+    # ldmatrix.x4 on x: lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k+8 (the A
+    # fragment's four 8x8 quarters). On the weight tile ([n][k], i.e. B column-major): lanes 0-7 rows
+    # n 0-7 at k, 8-15 the same at k+8, 16-31 rows n 8-15: two n8 fragments per load.
+    "cuda": """
+      UNROLL for (int kk = 0; kk < BK; kk += 16) {
+        unsigned a[MT][4], b[NT][2];
+        UNROLL for (int i = 0; i < MT; ++i)
+          foundry_ldmatrix_x4(a[i], xs + (warp_m * WM + i * 16 + (int)(lane % 16)) * LD + kk + (int)(lane / 16) * 8);
+        UNROLL for (int j = 0; j < NT; j += 2) {
+          unsigned r[4];
+          foundry_ldmatrix_x4(r, ws + (warp_n * WN + j * 8 + (int)(lane % 8) + (int)(lane / 16) * 8) * LD + kk
+                                    + (int)((lane / 8) % 2) * 8);
+          b[j][0] = r[0]; b[j][1] = r[1]; b[j + 1][0] = r[2]; b[j + 1][1] = r[3];
+        }
+        UNROLL for (int i = 0; i < MT; ++i) UNROLL for (int j = 0; j < NT; ++j) foundry_mma<T>(acc[i][j], a[i], b[j]);
+      }""",
+    # The weight tile is [n][k]; loading it transposed gives B(k, n).
+    "metal": """
+      UNROLL for (int kk = 0; kk < BK; kk += 8) {
+        simdgroup_float8x8 a[MT], b[NT];
+        UNROLL for (int i = 0; i < MT; ++i) simdgroup_load(a[i], xs, LD, ulong2(kk, warp_m * WM + i * 8));
+        UNROLL for (int j = 0; j < NT; ++j) simdgroup_load(b[j], ws, LD, ulong2(kk, warp_n * WN + j * 8), true);
+        UNROLL for (int i = 0; i < MT; ++i) UNROLL for (int j = 0; j < NT; ++j)
+          simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+      }""",
+}
+
+# mma.sync's C fragment: lane holds (lane/4, 2*(lane%4) + {0,1}) and the same 8 rows down.
+# simdgroup_matrix: the coordinates MLX's steel kernels use (mma.h get_coord).
+_STORE = {
+    "cuda": """
+  UNROLL for (int i = 0; i < MT; ++i) UNROLL for (int j = 0; j < NT; ++j) UNROLL for (int e = 0; e < 4; ++e) {
+    const int row = row0 + warp_m * WM + i * 16 + (int)(lane / 4) + (e / 2) * 8;
+    const int col = col0 + warp_n * WN + j * 8 + (int)(lane % 4) * 2 + e % 2;
+    FINISH(row, col, acc[i][j][e]);
+  }""",
+    "metal": """
+  const int quad = (int)lane / 4;
+  const int frag_row = (quad & 4) + ((int)lane / 2) % 4;
+  const int frag_col = (quad & 2) * 2 + ((int)lane % 2) * 2;
+  UNROLL for (int i = 0; i < MT; ++i) UNROLL for (int j = 0; j < NT; ++j) UNROLL for (int e = 0; e < 2; ++e) {
+    const int row = row0 + warp_m * WM + i * 8 + frag_row;
+    const int col = col0 + warp_n * WN + j * 8 + frag_col + e;
+    FINISH(row, col, acc[i][j].thread_elements()[e]);
+  }""",
+}
+
+
+def _finish(bias: bool, residual: bool) -> str:
+    """The epilogue of one output element, rounded to T where the reference path rounds."""
+    lines = ["T value = static_cast<T>(v_);"]
+    if bias:
+        lines.append("value = static_cast<T>(static_cast<float>(value) + static_cast<float>(bias[c_]));")
+    if residual:
+        lines.append("value = static_cast<T>(static_cast<float>(residual[(long)r_ * N + c_]) "
+                     "+ static_cast<float>(value));")
+    lines.append("y[(long)r_ * N + c_] = value;")
+    body = " ".join(lines)
+    return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
+
+
+_SKELETON = """
+  constexpr int BK = {bk};
+  constexpr int LD = BK + PAD;                             // padded rows: conflict-free fragment loads
+  constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;      // each warp's share of the output tile
+  // M, N and K are read from the shapes, not baked in: one compiled kernel per (T, bits, group,
+  // tile) serves every matrix of a model and every prompt length.
+  const int m_rows = x_shape[0];
+  const int K = x_shape[1];
+  const int N = w_shape[0];
+  const int WORDS_PER_ROW = K * BITS / 32;
+  const int GROUPS_PER_ROW = K / GROUP;
+  const int K_TILES = K / BK;
+  constexpr unsigned int MASK = (1u << BITS) - 1u;
+  static_assert(BN <= THREADS, "every weight row of a tile needs a thread to dequantize it");
+  const int m_tiles = (m_rows + BM - 1) / BM;
+  // M fastest: threadgroups that run together share a weight tile (x, the smaller operand, stays cached).
+  const int tile_m = (int)group_id % m_tiles;
+  const int tile_n = (int)group_id / m_tiles;
+  const int row0 = tile_m * BM, col0 = tile_n * BN;
+  SHARED TILE_T x_tile[STAGES * BM * LD];
+  SHARED TILE_T w_tile[STAGES * BN * LD];
+  const int warp_m = (int)warp / WARPS_N, warp_n = (int)warp % WARPS_N;
+
+  // Each weight row of a tile is dequantized by SPLIT threads, VALS values each: two where there
+  // are threads enough and half a 32-value chunk is whole words (4, 6, 8 bits), else one (5 bits).
+  // Per thread: its words, one scale, one bias (a 32-wide K tile never straddles a group: groups
+  // are 32, 64 or 128 and tiles start at k % 32 == 0).
+  constexpr int SPLIT = (THREADS >= 2 * BN && (16 * BITS) % 32 == 0) ? 2 : 1;
+  constexpr int VALS = BK / SPLIT;
+  constexpr int WORDS = VALS * BITS / 32;
+  const int w_local = (int)thread_id / SPLIT;
+  const int w_part = (int)thread_id % SPLIT;
+  const bool w_owner = w_local < BN;
+  const bool w_valid = w_owner && col0 + w_local < N;
+  const long w_row = w_valid ? col0 + w_local : 0;
+  unsigned int words[WORDS + 1];
+  float w_scale = 0.0f, w_bias = 0.0f;
+{accumulators}
+
+#define LOAD_X(stage_, kt_) \\
+  for (int c = (int)thread_id; c < BM * (BK / 8); c += THREADS) {{ \\
+    const int r = c / (BK / 8), part = c % (BK / 8); \\
+    const bool ok = row0 + r < m_rows; \\
+    COPY_X8(x_tile + (stage_) * BM * LD + r * LD + part * 8, \\
+            x + (long)(ok ? row0 + r : 0) * K + (kt_) * BK + part * 8, ok); \\
+  }}
+#define FETCH_W(kt_) \\
+  if (w_owner) {{ \\
+    LOAD_WORDS(WORDS, w + w_row * WORDS_PER_ROW + (long)(kt_) * BITS + w_part * WORDS, words); \\
+    const long g = w_row * GROUPS_PER_ROW + (kt_) * BK / GROUP; \\
+    w_scale = static_cast<float>(scales[g]); \\
+    w_bias = static_cast<float>(biases[g]); \\
+  }}
+  // Values are rounded to T as mx.dequantize's are, so the tile multiply sees the reference's weights.
+#define STORE_W(stage_) \\
+  if (w_owner) {{ \\
+    words[WORDS] = 0u; \\
+    float values[VALS]; \\
+    UNROLL for (int i = 0; i < VALS; ++i) {{ \\
+      const int bit = i * BITS, shift = bit & 31; \\
+      unsigned int q = words[bit >> 5] >> shift; \\
+      if (shift + BITS > 32) q |= words[(bit >> 5) + 1] << (32 - shift); \\
+      values[i] = w_valid ? w_scale * Q_TO_FLOAT(q & MASK) + w_bias : 0.0f; \\
+    }} \\
+    STORE_VALUES(T, VALS, w_tile + (stage_) * BN * LD + w_local * LD + w_part * VALS, values); \\
+  }}
+{finish}
+
+  LOAD_X(0, 0)
+  FETCH_W(0)
+  STORE_W(0)
+  for (int kt = 0; kt < K_TILES; ++kt) {{
+    const int stage = STAGES == 2 ? (kt & 1) : 0;
+    const bool more = kt + 1 < K_TILES;
+    WAIT_COPIES();
+    BARRIER();                                             // tile kt staged; tile kt-1 no longer read
+    if (STAGES == 2 && more) {{
+      LOAD_X(stage ^ 1, kt + 1)
+      FETCH_W(kt + 1)
+    }}
+    {{
+      const TILE_SPACE TILE_T* xs = x_tile + stage * BM * LD;
+      const TILE_SPACE TILE_T* ws = w_tile + stage * BN * LD;
+{multiply}
+    }}
+    if (more) {{
+      if (STAGES == 1) {{
+        BARRIER();
+        LOAD_X(0, kt + 1)
+        FETCH_W(kt + 1)
+      }}
+      STORE_W(STAGES == 2 ? stage ^ 1 : 0)
+    }}
+  }}
+{store}
+#undef LOAD_X
+#undef FETCH_W
+#undef STORE_W
+#undef FINISH
+"""
+
+
+def kernel_name(bias: bool, residual: bool) -> str:
+    return "foundry_qgemm" + ("_bias" if bias else "") + ("_residual" if residual else "")
+
+
+def input_names(bias: bool, residual: bool) -> tuple[str, ...]:
+    return ("x", "w", "scales", "biases") + (("bias",) if bias else ()) + (("residual",) if residual else ())
+
+
+def kernel_source(backend: str, bias: bool = False, residual: bool = False) -> KernelSource:
+    """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N; M, N, K from the shapes)."""
+    body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
+                            store=_STORE[backend], finish=_finish(bias, residual))
+    return KernelSource(kernel_name(bias, residual), input_names(bias, residual), ("y",), body, _HEADER[backend])

@@ -1,0 +1,85 @@
+"""The quantized GEMM's Metal rendition, run on the CPU by the SIMT harness, against its reference twin.
+
+Small shapes (the simulator runs one OS thread per GPU thread): M and N not multiples of the
+64x64 tile, K of several tiles, every bit width, groups of 32, 64 and 128, both half types, the
+bias and residual epilogue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from foundry_mlx.kernels import qgemm, qgemm_source
+from foundry_mlx.kernels.metal_sim import bfloat16_to_float32, run_metal_kernel
+
+from .metal_runs import run_source, to_numpy
+from .qgemm_cases import Case, compare, make_inputs, oracle
+
+CASES = [
+    Case(20, 72, 128, bits=4, group=32),
+    Case(70, 136, 256, bits=5, group=128),
+    Case(17, 96, 192, bits=6, group=64),
+    Case(65, 64, 256, bits=8, group=128),
+    Case(33, 80, 128, bits=4, group=128, dtype="bfloat16"),
+    Case(24, 72, 128, bits=5, group=32, bias=True, residual=True),
+]
+
+
+def _run(case: Case, **options) -> np.ndarray:
+    inputs = make_inputs(case)
+    launch = qgemm.launch("metal", **inputs)
+    source = qgemm_source.kernel_source("metal", case.bias, case.residual)
+    (output,) = run_source(source, launch.arguments(), **options)
+    return bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_metal_gemm_matches_reference(case):
+    compare(case, _run(case), oracle(make_inputs(case)))
+
+
+def test_metal_gemm_has_no_threadgroup_race():
+    """One thread at a time, switching only at barriers and SIMD-group functions, in reverse order:
+    a missing barrier between the dequantizing threads and the multiplying SIMD-groups reads poison."""
+    case = Case(9, 64, 96, bits=4, group=32)
+    compare(case, _run(case, schedule="reverse"), oracle(make_inputs(case)))
+
+
+def test_harness_catches_a_wrong_kernel():
+    """The comparison is not vacuous: a kernel that drops the weights' affine bias fails it."""
+    case = CASES[0]
+    inputs = make_inputs(case)
+    launch = qgemm.launch("metal", **inputs)
+    source = qgemm_source.kernel_source("metal")
+    header, body = source.launch_text("metal")
+    broken = body.replace("Q_TO_FLOAT(q & MASK) + w_bias", "Q_TO_FLOAT(q & MASK)")
+    assert broken != body
+    arguments = launch.arguments()
+    (output,) = run_metal_kernel("broken_qgemm", source.input_names, source.output_names, broken, header,
+                                 [to_numpy(a) for a in arguments["inputs"]], arguments["output_shapes"],
+                                 arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
+                                 template=arguments["template"])
+    with pytest.raises(AssertionError):
+        compare(case, output, oracle(inputs))
+
+
+@pytest.mark.parametrize("case", [Case(70, 136, 256, bits=5, group=128), Case(9, 64, 160, bits=4, group=32,
+                                                                          bias=True, residual=True)],
+                         ids=lambda c: c.id)
+def test_two_stage_pipeline(case):
+    """The CUDA rendition's schedule (two stages: tile k+1 is staged while tile k multiplies, one
+    barrier per tile), the only part of it the simulator can run: the Metal rendition with two
+    stages (unpadded, to fit 32 KB), one thread at a time in reverse order, so a stage overwritten
+    while another SIMD-group still reads it shows up as a wrong result."""
+    inputs = make_inputs(case)
+    arguments = qgemm.launch("metal", **inputs).arguments()
+    source = qgemm_source.kernel_source("metal", case.bias, case.residual)
+    header, body = source.launch_text("metal")
+    two_stages = header.replace("#define STAGES 1", "#define STAGES 2").replace("#define PAD 4", "#define PAD 0")
+    assert two_stages.count("#define STAGES 2") == 1
+    (output,) = run_metal_kernel("qgemm_two_stages", source.input_names, source.output_names, body, two_stages,
+                                 [to_numpy(a) for a in arguments["inputs"]], arguments["output_shapes"],
+                                 arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
+                                 template=arguments["template"], schedule="reverse")
+    compare(case, output, oracle(inputs))
