@@ -21,7 +21,7 @@ timeout 120 python3 benchmarks/fused_batch_bench.py -m $MODEL --steps 200 2>&1 |
 PORT=18731
 URL=http://127.0.0.1:$PORT
 health() { python3 -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())" $URL/health; }
-python3 -m foundry_mlx serve -m $MODEL --host 127.0.0.1 --port $PORT --batching on --max-batch 8 \
+PYTHONFAULTHANDLER=1 python3 -m foundry_mlx serve -m $MODEL --host 127.0.0.1 --port $PORT --batching on --max-batch 8 \
   --prompt-cache-bytes 0 --log-level warning > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
@@ -31,9 +31,18 @@ for _ in $(seq 120); do
   sleep 1
 done
 health | tee "$OUT/health-before.json"
+# One request alone first: if the server cannot answer it, say so with its log. Run this script
+# without an outer `timeout` shorter than its own (~10 min worst case): its exit trap stops the
+# server, which a client still running would see as "connection refused".
+python3 - $URL <<'PY' > "$OUT/first-request.txt" 2>&1 || { cat "$OUT/first-request.txt"; tail -60 "$OUT/server.log"; exit 7; }
+import json, sys, urllib.request
+body = json.dumps({"model": "m", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}).encode()
+request = urllib.request.Request(sys.argv[1] + "/v1/completions", body, {"Content-Type": "application/json"})
+print(urllib.request.urlopen(request, timeout=300).read().decode())
+PY
 # Warm-up, not measured: MLX compiles each kernel shape on first use (slot counts 1, 2, 4, 8 and the
 # cache lengths these replies reach), so it runs the measurement's own requests once.
-timeout 150 python3 benchmarks/serve_concurrency.py --url $URL --clients 8 --min-tokens $MIN --max-tokens $MAX \
+timeout 300 python3 benchmarks/serve_concurrency.py --url $URL --clients 8 --min-tokens $MIN --max-tokens $MAX \
   > "$OUT/warmup.txt" 2>&1 || { cat "$OUT/warmup.txt"; tail -30 "$OUT/server.log"; exit 6; }
 # The measurement: 8 requests one after another (one client alone), then the same 8 at once.
 timeout 150 python3 benchmarks/serve_concurrency.py --url $URL --clients 8 --min-tokens $MIN --max-tokens $MAX \

@@ -17,13 +17,11 @@ and counter), so a row's tokens do not depend on which others share the batch.
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
-from .. import kernels
 from .batch import set_contents
 from .cache import STEP, KVCache
+from .decoder import fused_kernel_set, plan_step
 from .sampling import SamplingParams
 
 RING = 64  # the penalty rings' width, widened when a sequence with a longer window joins
@@ -34,16 +32,7 @@ class BatchedFusedDecoder:
         from ..kernels import fused_batch
 
         self.model, self.kernels = model, kernel_set
-        self.functional = kernel_set.backend == "reference"
-
-        def step(state, params, recent, keys, values):
-            next_state, tokens, keys, values, recent = fused_batch.decode_step(
-                kernel_set, model, state, params, recent, keys, values)
-            if self.functional:
-                return next_state, tokens, keys, values, recent
-            return next_state, tokens  # the kernels wrote the caches and the rings in place
-
-        self._step = mx.compile(step) if compiled and not self.functional else step
+        self._step, self.functional = plan_step(fused_batch.decode_step, kernel_set, model, compiled)
         self.clear()
 
     def clear(self) -> None:
@@ -181,11 +170,8 @@ def _resized(array: mx.array, rows: int, positions: int | None = None) -> mx.arr
 def batch_decoder_for(model) -> BatchedFusedDecoder | None:
     """The batched fused decoder where the single-sequence fused step would run (CUDA; Metal with
     FOUNDRY_FUSED=1; never the CPU, other families, dense or sharded models), else None."""
-    kernel_set = kernels.active()
+    kernel_set = fused_kernel_set()
     if kernel_set is None:
-        return None
-    switch = os.environ.get("FOUNDRY_FUSED", "")
-    if switch == "0" or (switch != "1" and kernel_set.backend != "cuda"):
         return None
     from ..kernels import fused_batch, fused_step
 

@@ -83,18 +83,9 @@ class FusedDecoder:
 
         self.model = model
         self.kernels = kernel_set
-        self.functional = kernel_set.backend == "reference"  # cache and ring come back as new arrays
         if hasattr(kernel_set, "prepare"):
             kernel_set.prepare(model)
-
-        def step(state, params, recent, keys, values):
-            next_state, token, keys, values, recent = fused_step.decode_step(
-                kernel_set, model, state, params, recent, keys, values)
-            if self.functional:
-                return next_state, token, keys, values, recent
-            return next_state, token  # the kernels wrote the cache and the ring in place
-
-        self._step = mx.compile(step) if compiled and not self.functional else step
+        self._step, self.functional = plan_step(fused_step.decode_step, kernel_set, model, compiled)
 
     def start(self, cache: list[KVCache], logits: mx.array, params, recent_ids: list[int], seed: int) -> mx.array:
         from ..kernels import sample
@@ -131,6 +122,33 @@ class FusedDecoder:
         return token
 
 
+def plan_step(decode_step, kernel_set, model, compiled: bool = True):
+    """(step function, functional) for a fused plan's `decode_step` (single or batched). GPU kernels
+    write the cache and the penalty ring in place, so their step returns (state, token) and is
+    compiled; the reference twins return new cache and ring arrays too (functional) and run eagerly."""
+    functional = kernel_set.backend == "reference"
+
+    def step(state, params, recent, keys, values):
+        next_state, token, keys, values, recent = decode_step(kernel_set, model, state, params, recent, keys, values)
+        if functional:
+            return next_state, token, keys, values, recent
+        return next_state, token
+
+    return (mx.compile(step) if compiled and not functional else step), functional
+
+
+def fused_kernel_set():
+    """The active GPU kernel set where fused steps run by default (CUDA; Metal with FOUNDRY_FUSED=1;
+    never with FOUNDRY_FUSED=0 or on the CPU), else None."""
+    kernel_set = kernels.active()
+    if kernel_set is None:
+        return None
+    switch = os.environ.get("FOUNDRY_FUSED", "")
+    if switch == "0" or (switch != "1" and kernel_set.backend != "cuda"):
+        return None
+    return kernel_set
+
+
 def fused_decoder_for(model) -> FusedDecoder | None:
     """The model's fused decoder where the kernel backend and the model allow it, else None.
 
@@ -138,11 +156,8 @@ def fused_decoder_for(model) -> FusedDecoder | None:
     on Metal, whose renditions have run only in the CPU SIMT harness so far: `FOUNDRY_FUSED=1`
     turns it on there (benchmark it with `foundry-mlx bench`), `FOUNDRY_FUSED=0` off everywhere
     (the per-kernel compiled step is used instead)."""
-    kernel_set = kernels.active()
+    kernel_set = fused_kernel_set()
     if kernel_set is None:
-        return None
-    switch = os.environ.get("FOUNDRY_FUSED", "")
-    if switch == "0" or (switch != "1" and kernel_set.backend != "cuda"):
         return None
     from ..kernels import fused_step
 

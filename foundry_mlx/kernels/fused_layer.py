@@ -7,7 +7,8 @@ for the 0.5B model). The phases are the same kernel bodies (qgemv.body, sdpa.BOD
 "virtual threadgroups" (g = blockIdx.x, += gridDim.x) with its own template constants in a scope
 of its own, so the arithmetic is the one the 5-kernel step's GPU tests verified:
 
-    norm+QKV+bias+RoPE+KV write → | → attention → | → o_proj+residual → | → norm+gate/up+SwiGLU → | → down+residual
+    norm+QKV+bias+RoPE+KV write → | → attention, positions split in shares → | → merge the shares → |
+      → o_proj+residual → | → norm+gate/up+SwiGLU → | → down+residual
 
 The barrier (`foundry_grid_sync`) keeps its counter and generation in `__device__` globals of the
 kernel's own module (tiny MLX buffers live in managed memory, where a barrier costs ~500 µs; a
@@ -17,15 +18,15 @@ H100/H200's 132 SMs × 2048 threads. Every spin is bounded (~1 s): a barrier tha
 lets the kernel finish with wrong values (the tests would see them) instead of hanging the GPU.
 CUDA only: Metal has no grid-wide barrier, so on Apple silicon the 5-kernel step runs.
 
-Opt-in (`FOUNDRY_LAYER_KERNEL=1`), because of what it measured on the H200 (commit ac92069,
-`benchmarks/results/h200-layer-kernel-*`), decode tok/s at depth 0 / 2048 against the 5-kernel
-step's (3d34138): 0.5B 4-bit 928 / 391 vs 1,009 / 942; Q4_K_M mix 1,026 / 407 vs 807 / 906. The
-step is 27 graph nodes instead of 123, which pays at short contexts for the mixed-width model; at
-depth 2048 the attention phase is the bottleneck: one block of 8 warps per query head (14 blocks
-busy out of 128) where the separate attention kernel gets up to 32 warps per head. Next: split
-the attention phase over positions (blocks × splits, merged in the o_proj phase). Its GPU test
-(tests/kernels/test_fused_gpu.py::test_layer_kernel_equals_the_five_kernels) has not yet
-completed on a GPU: the one run ran out of its time limit while MLX compiled the model's kernels.
+Chosen per model (`suits`: on CUDA when a layer's weights fit in L2 several times over, so the
+0.5B models; `FOUNDRY_LAYER_KERNEL=1/0` forces it). Measured on the H200, 0.5B 4-bit, decode
+tok/s at depth 0 / 2048 (`benchmarks/results/h200-step-overheads.md`, `h200-qwen2.5-0.5b-4bit.md`):
+the first version (ac92069) 928 / 391, with one block of 8 warps per query head at depth 2048 and
+gate/up taking ~10 rounds of the blocks; with each head's positions split over the idle blocks
+(merged in a phase of their own), the later phases' weights prefetched into L2, one round of the
+blocks per phase and the intermediates in one scratch buffer (cd8404b): 1,180 / 1,023 against
+mlx-lm's 298 / 294 in the same run. Now the device sets its speed (~37 µs per layer: six phases
+of dependent round trips, five barriers), no longer MLX's host time (27 nodes ≈ 0.75 ms).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ operands and a half accumulator would lose the fp32 accumulation the CUDA rendit
 
 from __future__ import annotations
 
+from .qgemv import LOAD_WORDS_CUDA
 from .source import KernelSource
 
 BK = 32  # K per tile: one 32-value chunk of a weight row = BITS whole uint32 words
@@ -56,28 +57,7 @@ template <> __device__ __forceinline__ void foundry_mma<__nv_bfloat16>(float* c,
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-// A chunk's BITS words: 16-byte loads where the chunk is 16-byte aligned (4 and 8 bits), else 8 or 4.
-template <int W>
-__device__ __forceinline__ void foundry_load_words(const uint32_t* source, unsigned int* target) {
-  if constexpr (W % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < W / 4; ++i) {
-      const uint4 v = reinterpret_cast<const uint4*>(source)[i];
-      target[4 * i] = v.x; target[4 * i + 1] = v.y; target[4 * i + 2] = v.z; target[4 * i + 3] = v.w;
-    }
-  } else if constexpr (W % 2 == 0) {
-#pragma unroll
-    for (int i = 0; i < W / 2; ++i) {
-      const uint2 v = reinterpret_cast<const uint2*>(source)[i];
-      target[2 * i] = v.x; target[2 * i + 1] = v.y;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < W; ++i) target[i] = source[i];
-  }
-}
-#define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
-template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
+""" + LOAD_WORDS_CUDA + """template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
 template <> __device__ __forceinline__ unsigned int foundry_pack2<__half>(float a, float b) {
   const __half2 pair = __floats2half2_rn(a, b);
   return *reinterpret_cast<const unsigned int*>(&pair);

@@ -129,24 +129,9 @@ def _epilogue(variant: Variant) -> str:
     return "\n" + "\n".join(lines)
 
 
-_HEADER = {
-    # Chunk loads: MLX arrays are 16-byte aligned and every chunk starts at a multiple of its own
-    # size, so CUDA reads them with 16-byte vector loads; Metal's compiler merges the scalar loop.
-    "cuda": """
-template <typename T, int E>
-__device__ __forceinline__ void foundry_load_floats(const T* source, float* target) {
-  if constexpr ((E * sizeof(T)) % 16 == 0) {
-    alignas(16) T staged[E];
-#pragma unroll
-    for (int i = 0; i < int(E * sizeof(T) / 16); ++i)
-      reinterpret_cast<uint4*>(staged)[i] = reinterpret_cast<const uint4*>(source)[i];
-#pragma unroll
-    for (int i = 0; i < E; ++i) target[i] = static_cast<float>(staged[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < E; ++i) target[i] = static_cast<float>(source[i]);
-  }
-}
+# A chunk's packed words with the widest aligned loads (16, 8 or 4 bytes); the prefill GEMM
+# (kernels/qgemm_source.py) reads its weight tiles with the same helper.
+LOAD_WORDS_CUDA = """
 template <int W>
 __device__ __forceinline__ void foundry_load_words(const uint32_t* source, unsigned int* target) {
   if constexpr (W % 4 == 0) {
@@ -166,9 +151,29 @@ __device__ __forceinline__ void foundry_load_words(const uint32_t* source, unsig
     for (int i = 0; i < W; ++i) target[i] = source[i];
   }
 }
-#define LOAD_FLOATS(T, E, source, target) foundry_load_floats<T, E>(source, target)
 #define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
-""",
+"""
+
+_HEADER = {
+    # Chunk loads: MLX arrays are 16-byte aligned and every chunk starts at a multiple of its own
+    # size, so CUDA reads them with 16-byte vector loads; Metal's compiler merges the scalar loop.
+    "cuda": """
+template <typename T, int E>
+__device__ __forceinline__ void foundry_load_floats(const T* source, float* target) {
+  if constexpr ((E * sizeof(T)) % 16 == 0) {
+    alignas(16) T staged[E];
+#pragma unroll
+    for (int i = 0; i < int(E * sizeof(T) / 16); ++i)
+      reinterpret_cast<uint4*>(staged)[i] = reinterpret_cast<const uint4*>(source)[i];
+#pragma unroll
+    for (int i = 0; i < E; ++i) target[i] = static_cast<float>(staged[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) target[i] = static_cast<float>(source[i]);
+  }
+}
+#define LOAD_FLOATS(T, E, source, target) foundry_load_floats<T, E>(source, target)
+""" + LOAD_WORDS_CUDA,
     "metal": """
 // One template for device and threadgroup sources: the pointer type (address space included)
 // is deduced.

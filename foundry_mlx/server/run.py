@@ -35,7 +35,14 @@ def build_state(
 
 def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
     """Run until interrupted (Ctrl-C)."""
+    import faulthandler
+
     import uvicorn
+
+    # A crash inside MLX or a kernel (no Python exception) would otherwise end the server without
+    # a word in its log: print every thread's Python stack to stderr if that ever happens.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
 
     if not _is_loopback(host) and state.config.api_key is None:
         warnings.warn(f"serving on {host} without --api-key: anyone who can reach this address can use the model",
