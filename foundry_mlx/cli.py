@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import distributed_cli, kernels, sources
+from .decode_paths import DECODE_STEPS, check_decode_step, select_decode_step
 from .engine.sampling import SamplingParams
 from .errors import FoundryError
 
@@ -289,6 +290,13 @@ def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
+def _step_name(fused) -> str:
+    """The decode step a run used, for the benchmark's header."""
+    if fused is None:
+        return "per-op"
+    return "fused, one launch per layer" if fused.kernels.layer_kernel else "fused, five kernels per layer"
+
+
 @main.command()
 @model_options
 @click.option("--engines", default="foundry,mlx-lm", show_default=True, help="Comma-separated: foundry, mlx-lm.")
@@ -297,8 +305,13 @@ def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--decode-tokens", default=128, show_default=True, help="Tokens generated per decode measurement.")
 @click.option("--trials", default=3, show_default=True, help="Timed trials per setting, after one warm-up.")
 @click.option("--out", "out_prefix", default=None, help="Write OUT.json, OUT.md and OUT.png (the plot).")
+@click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
+              help="per-op: the compiled model-file step; fused: five kernels per layer, token on the device "
+                   "(off by default on Metal: flip it here on a Mac and compare); layer: one launch per layer "
+                   "(CUDA); auto: the defaults.")
 @user_errors
-def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int, out_prefix: str | None, **options) -> None:
+def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int, out_prefix: str | None,
+          decode_step: str, **options) -> None:
     """Benchmark foundry-mlx against stock mlx-lm on identical weights.
 
     A GGUF model is converted (as `convert` does) into a temporary MLX directory for mlx-lm, so both
@@ -324,7 +337,9 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
             import mlx_lm  # noqa: F401
         except ImportError:
             raise FoundryError("mlx-lm is not installed; pip install mlx-lm, or pass --engines foundry.") from None
+    select_decode_step(decode_step)
     model, tokenizer, _ = _load(options)
+    check_decode_step(decode_step, model, kernels.backend_name())
     config = benchmark.BenchConfig(prompt_lengths, depths, decode_tokens, trials)
     limit = max(prompt_lengths + depths) + decode_tokens + 1
     if limit > model.config.max_position_embeddings:
@@ -340,7 +355,7 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
 
     nodes = step_nodes(model)
     meta = {**benchmark.machine_info(), "model": str(model.source), "command": "foundry-mlx " + shlex.join(sys.argv[1:]),
-            "weight_bytes_per_token": ours.weight_bytes, "decode_step": "fused" if fused_decoder_for(model) else "per-op",
+            "weight_bytes_per_token": ours.weight_bytes, "decode_step": _step_name(fused_decoder_for(model)),
             "graph_nodes_per_token": nodes, "config": vars(config)}
     text = benchmark.table(measurements)
     click.echo(f"foundry-mlx decode step: {meta['decode_step']}, {nodes} graph nodes per token "

@@ -37,7 +37,8 @@ def _qwen2_llama(config: ModelConfig, backend: str) -> list[tuple[str, str, str]
         plan[0] = (plan[0][0], GEMV, "norm, bias and RoPE fused; writes K/V into the cache in place")
         plan.append(("sampling", "custom sampling kernel", "penalty, temperature, top-k/p, min-p, seeded draw on device"))
         plan.append(("decode step", "fused", "5 kernels per layer + 3, token in and out on the device "
-                                              "(kernels/fused_step.py; FOUNDRY_FUSED=0 turns it off)"))
+                                              "(kernels/fused_step.py; FOUNDRY_FUSED=0 turns it off); on CUDA "
+                                              "one launch per layer where a layer fits in L2 (kernels/fused_layer.py)"))
         plan.append(("server batch", "fused batch", "concurrent requests as rows of one fused step, the same "
                                                     "launches for any B (kernels/fused_batch.py)"))
     else:
@@ -75,3 +76,34 @@ def decode_paths(config: ModelConfig, backend: str) -> list[tuple[str, str, str]
         else (op, "reference", reason) if path != "compiled" else (op, "compiled", "one mx.compile trace per 256 positions")
         for op, path, why in plan
     ]
+
+
+DECODE_STEPS = ("auto", "per-op", "fused", "layer")
+
+
+def select_decode_step(choice: str) -> None:
+    """Set this process's decode-step switches for `choice` (what `foundry-mlx bench --decode-step`
+    does): per-op = the compiled model-file step (FOUNDRY_FUSED=0); fused = five kernels per layer
+    (FOUNDRY_FUSED=1, FOUNDRY_LAYER_KERNEL=0), the switch to flip on a Mac; layer = one launch per
+    layer (CUDA only); auto = the defaults. Call it before the first decode step is built."""
+    if choice not in DECODE_STEPS:
+        raise ValueError(f"decode step {choice!r} is not one of {', '.join(DECODE_STEPS)}")
+    settings = {"per-op": {"FOUNDRY_FUSED": "0"}, "fused": {"FOUNDRY_FUSED": "1", "FOUNDRY_LAYER_KERNEL": "0"},
+                "layer": {"FOUNDRY_FUSED": "1", "FOUNDRY_LAYER_KERNEL": "1"}}.get(choice, {})
+    os.environ.update(settings)
+
+
+def check_decode_step(choice: str, model, backend: str) -> None:
+    """Raise a one-sentence FoundryError when `choice` cannot run `model` on `backend`."""
+    from .errors import FoundryError
+    from .kernels import fused_step
+
+    if choice in ("fused", "layer"):
+        if backend not in ("metal", "cuda"):
+            raise FoundryError(f"--decode-step {choice} needs MLX's Metal or CUDA backend (this run has "
+                               f"{backend}); use --decode-step per-op or auto.")
+        reason = fused_step.unsupported_reason(model)
+        if reason is not None:
+            raise FoundryError(f"--decode-step {choice} cannot run this model: {reason}; use per-op or auto.")
+    if choice == "layer" and backend != "cuda":
+        raise FoundryError("--decode-step layer is CUDA-only (Metal has no grid-wide barrier); use fused on Metal.")

@@ -261,3 +261,54 @@ def test_missing_required_prompt(tiny):
     result = CliRunner().invoke(main, ["generate", "-m", str(tiny.path)])
     assert result.exit_code == 2
     assert_user_error(result, r"--prompt")
+
+
+# --- bench --decode-step -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", ["fused", "layer"])
+def test_bench_decode_step_needing_a_gpu_says_so(tiny_quantized, step, monkeypatch):
+    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
+        monkeypatch.delenv(name, raising=False)
+    result = invoke("bench", "-m", str(tiny_quantized.path), "--decode-step", step, "--engines", "foundry",
+                    "--prompt-lengths", "4", "--depths", "0", "--decode-tokens", "2", "--trials", "1")
+    assert_user_error(result, rf"--decode-step {step} needs MLX's Metal or CUDA backend")
+
+
+def test_bench_decode_step_per_op_runs_and_says_which(tiny_quantized, monkeypatch):
+    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
+        monkeypatch.delenv(name, raising=False)
+    result = invoke("bench", "-m", str(tiny_quantized.path), "--decode-step", "per-op", "--engines", "foundry",
+                    "--prompt-lengths", "4", "--depths", "0", "--decode-tokens", "2", "--trials", "1")
+    assert result.exit_code == 0, result.output
+    assert "decode step: per-op" in result.output
+    import os
+
+    assert os.environ["FOUNDRY_FUSED"] == "0"
+
+
+@pytest.mark.parametrize("step, fused, layer", [("per-op", "0", None), ("fused", "1", "0"), ("layer", "1", "1"),
+                                                ("auto", None, None)])
+def test_select_decode_step_sets_the_switches(step, fused, layer, monkeypatch):
+    import os
+
+    from foundry_mlx.decode_paths import select_decode_step
+
+    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
+        monkeypatch.delenv(name, raising=False)
+    select_decode_step(step)
+    assert os.environ.get("FOUNDRY_FUSED") == fused
+    assert os.environ.get("FOUNDRY_LAYER_KERNEL") == layer
+
+
+def test_layer_step_is_refused_on_metal_and_fused_for_other_families(tiny_quantized):
+    from foundry_mlx.decode_paths import check_decode_step
+    from foundry_mlx.errors import FoundryError
+
+    model, _ = load(str(tiny_quantized.path))
+    check_decode_step("fused", model, "metal")  # a quantized qwen2 model: the fused plan fits
+    with pytest.raises(FoundryError, match="CUDA-only"):
+        check_decode_step("layer", model, "metal")
+    object.__setattr__(model.config, "model_type", "gemma3")
+    with pytest.raises(FoundryError, match="cannot run this model: the fused step is planned for"):
+        check_decode_step("fused", model, "cuda")
