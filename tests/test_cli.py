@@ -301,14 +301,20 @@ def test_select_decode_step_sets_the_switches(step, fused, layer, monkeypatch):
     assert os.environ.get("FOUNDRY_LAYER_KERNEL") == layer
 
 
-def test_layer_step_is_refused_on_metal_and_fused_for_other_families(tiny_quantized):
+def test_check_decode_step_names_what_stands_in_the_way(monkeypatch):
     from foundry_mlx.decode_paths import check_decode_step
     from foundry_mlx.errors import FoundryError
+    from foundry_mlx.kernels import fused_step
 
-    model, _ = load(str(tiny_quantized.path))
-    check_decode_step("fused", model, "metal")  # a quantized qwen2 model: the fused plan fits
+    model = object()
+    monkeypatch.setattr(fused_step, "unsupported_reason", lambda m: None)  # a model the fused plan fits
+    check_decode_step("fused", model, "metal")
+    check_decode_step("layer", model, "cuda")
+    check_decode_step("per-op", model, "reference")
     with pytest.raises(FoundryError, match="CUDA-only"):
         check_decode_step("layer", model, "metal")
-    object.__setattr__(model.config, "model_type", "gemma3")
-    with pytest.raises(FoundryError, match="cannot run this model: the fused step is planned for"):
+    with pytest.raises(FoundryError, match="needs MLX's Metal or CUDA backend"):
+        check_decode_step("fused", model, "reference")
+    monkeypatch.setattr(fused_step, "unsupported_reason", lambda m: "the fused step is planned for qwen2, llama")
+    with pytest.raises(FoundryError, match="cannot run this model: the fused step is planned for qwen2, llama"):
         check_decode_step("fused", model, "cuda")
