@@ -266,18 +266,24 @@ def test_missing_required_prompt(tiny):
 # --- bench --decode-step -------------------------------------------------------------------------------
 
 
+def _forget_decode_switches(monkeypatch):
+    """Unset the decode-step switches for this test and restore them after it: `--decode-step` sets
+    them process-wide (setenv first, so monkeypatch also undoes a value the command sets)."""
+    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.parametrize("step", ["fused", "layer"])
 def test_bench_decode_step_needing_a_gpu_says_so(tiny_quantized, step, monkeypatch):
-    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
-        monkeypatch.delenv(name, raising=False)
+    _forget_decode_switches(monkeypatch)
     result = invoke("bench", "-m", str(tiny_quantized.path), "--decode-step", step, "--engines", "foundry",
                     "--prompt-lengths", "4", "--depths", "0", "--decode-tokens", "2", "--trials", "1")
     assert_user_error(result, rf"--decode-step {step} needs MLX's Metal or CUDA backend")
 
 
 def test_bench_decode_step_per_op_runs_and_says_which(tiny_quantized, monkeypatch):
-    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
-        monkeypatch.delenv(name, raising=False)
+    _forget_decode_switches(monkeypatch)
     result = invoke("bench", "-m", str(tiny_quantized.path), "--decode-step", "per-op", "--engines", "foundry",
                     "--prompt-lengths", "4", "--depths", "0", "--decode-tokens", "2", "--trials", "1")
     assert result.exit_code == 0, result.output
@@ -294,8 +300,7 @@ def test_select_decode_step_sets_the_switches(step, fused, layer, monkeypatch):
 
     from foundry_mlx.decode_paths import select_decode_step
 
-    for name in ("FOUNDRY_FUSED", "FOUNDRY_LAYER_KERNEL"):
-        monkeypatch.delenv(name, raising=False)
+    _forget_decode_switches(monkeypatch)
     select_decode_step(step)
     assert os.environ.get("FOUNDRY_FUSED") == fused
     assert os.environ.get("FOUNDRY_LAYER_KERNEL") == layer
