@@ -70,3 +70,37 @@ def test_metal_fused_attention_reads_the_query_from_qkv_and_the_length_from_stat
     (out,) = run_source(sdpa.fused_source(0.17), sdpa.fused_launch_arguments(qkv, keys, values, state, heads))
     expected = np.array(sdpa.reference(qkv[: heads * dims], keys, values, position + 1, 0.17))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("position, splits", [(0, 3), (40, 3), (63, 4), (9, 16)])
+def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
+    """The layer kernel's attention phase (kernels/fused_layer.py) as two Metal kernels: each head's
+    positions in `splits` shares (sdpa.split_body, partial softmaxes), then sdpa.MERGE_BODY. Shares
+    that see no position (short contexts, many splits) must drop out of the merge."""
+    from foundry_mlx.kernels.source import KernelSource, float_literal
+
+    heads, kv_heads, dims, length, warps, scale = 4, 2, 32, 64, 2, 0.17
+    rng = np.random.default_rng(position + splits)
+    qkv = mx.array(rng.standard_normal((heads + 2 * kv_heads) * dims).astype(np.float32))
+    keys = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
+    values = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
+    state = sample.make_state(position, 0, 0, 0, 0)
+    body = sdpa.split_body().replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)",
+                                                                               float_literal(scale))
+    split = KernelSource("split_attention", ("q", "keys", "values", "state"), ("parts",), body)
+    part_size = heads * splits * (dims + 2)
+    (parts,) = run_source(split, dict(
+        inputs=[qkv, keys, values, state], grid=(heads * splits * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
+        template=[("T", mx.float32), ("D", dims), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
+                  ("WARPS", warps), ("SPLITS", splits)],
+        output_shapes=[(part_size,)], output_dtypes=[mx.float32]))
+    merge = KernelSource("merge_attention", ("parts",), ("out",), sdpa.MERGE_BODY)
+    (out,) = run_source(merge, dict(
+        inputs=[mx.array(parts)], grid=(heads * 32, 1, 1), threadgroup=(32, 1, 1),
+        template=[("T", mx.float32), ("D", dims), ("SPLITS", splits)],
+        output_shapes=[(heads * dims,)], output_dtypes=[mx.float32]))
+    expected = np.array(sdpa.reference(qkv[: heads * dims], keys, values, position + 1, scale))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    empty = [s for s in range(splits) if parts.reshape(heads, splits, dims + 2)[0, s, 1] == 0.0]
+    share = -(-(-(-(position + 1) // splits)) // (32 // (dims // 8))) * (32 // (dims // 8))
+    assert len(empty) == splits - min(splits, -(-(position + 1) // share))  # exactly the shares past the end
