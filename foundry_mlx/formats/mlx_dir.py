@@ -36,24 +36,12 @@ def _split_fused(model) -> dict[str, Any]:
     weights["model.norm.weight"] = model.norm_weight
     if not config.tie_word_embeddings:
         weights["lm_head.weight"] = model.lm_head.stored
-    q_rows = config.num_attention_heads * config.head_dim
-    kv_rows = config.num_key_value_heads * config.head_dim
     for index, layer in enumerate(model.layers):
         prefix = f"model.layers.{index}"
         attention, mlp = layer.self_attn, layer.mlp
         weights[f"{prefix}.input_layernorm.weight"] = attention.norm_weight
         weights[f"{prefix}.post_attention_layernorm.weight"] = mlp.norm_weight
-        sizes = [q_rows, kv_rows, kv_rows]
-        for name, part in zip("qkv", quant.split_rows(attention.qkv_proj.stored, sizes)):
-            weights[f"{prefix}.self_attn.{name}_proj.weight"] = part
-        if "bias" in attention.qkv_proj:
-            for name, part in zip("qkv", mx.split(attention.qkv_proj.bias, [q_rows, q_rows + kv_rows])):
-                weights[f"{prefix}.self_attn.{name}_proj.bias"] = part
-        weights[f"{prefix}.self_attn.o_proj.weight"] = attention.o_proj.stored
-        gate, up = quant.split_rows(mlp.gate_up_proj.stored, [config.intermediate_size] * 2)
-        weights[f"{prefix}.mlp.gate_proj.weight"] = gate
-        weights[f"{prefix}.mlp.up_proj.weight"] = up
-        weights[f"{prefix}.mlp.down_proj.weight"] = mlp.down_proj.stored
+        weights |= models.split_projections(prefix, attention, mlp, config)
     return weights
 
 

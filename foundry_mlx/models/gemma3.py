@@ -32,11 +32,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import ops, quant
+from .. import ops
 from ..config import ModelConfig
 from ..engine.cache import KVCache
 from ..engine.rotating_cache import RotatingKVCache
 from ..layers import Embedding, Linear, RoPE
+from . import split_projections
 
 
 def _norm_weight(hf_weight: mx.array) -> mx.array:
@@ -195,7 +196,6 @@ class Model(nn.Module):
         }
         if self.lm_head is not self.embed_tokens.table:
             weights["lm_head.weight"] = self.lm_head.stored
-        q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         for index, layer in enumerate(self.layers):
             prefix, attention, mlp = f"model.layers.{index}", layer.self_attn, layer.mlp
             norms = {
@@ -208,11 +208,5 @@ class Model(nn.Module):
             }
             for name, weight in norms.items():
                 weights[f"{prefix}.{name}.weight"] = weight - 1.0
-            for name, part in zip("qkv", quant.split_rows(attention.qkv_proj.stored, [q_rows, kv_rows, kv_rows])):
-                weights[f"{prefix}.self_attn.{name}_proj.weight"] = part
-            weights[f"{prefix}.self_attn.o_proj.weight"] = attention.o_proj.stored
-            gate, up = quant.split_rows(mlp.gate_up_proj.stored, [config.intermediate_size] * 2)
-            weights[f"{prefix}.mlp.gate_proj.weight"] = gate
-            weights[f"{prefix}.mlp.up_proj.weight"] = up
-            weights[f"{prefix}.mlp.down_proj.weight"] = mlp.down_proj.stored
+            weights |= split_projections(prefix, attention, mlp, config)
         return weights
