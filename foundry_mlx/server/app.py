@@ -257,7 +257,7 @@ async def _collect(request: Request, queue, ticket, name: str, body, chat: bool)
             ticket.cancel()
     if event.finish_reason == "error":
         raise APIError(500, event.error, kind="server_error")
-    usage = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+    usage = _usage(event)
     text = "".join(pieces)
     if chat:
         return JSONResponse(protocol.chat_response(name, body.model, text, event.finish_reason, usage))
@@ -278,9 +278,12 @@ async def _events(queue):
             return
 
 
-async def _stream_chat(queue, ticket, name: str, body):
+async def _stream(queue, ticket, chunks, first=None):
+    """Server-sent events of one request: `first` (if any), then each event's `chunks(event)`, SSE
+    keep-alives while it waits, an error object if the engine failed, and `[DONE]`."""
     try:
-        yield _sse(protocol.chat_chunk(name, body.model, {"role": "assistant", "content": ""}, None))
+        if first is not None:
+            yield _sse(first)
         async for event in _events(queue):
             if event is None:
                 yield ": keep-alive\n\n"
@@ -288,32 +291,34 @@ async def _stream_chat(queue, ticket, name: str, body):
             if event.finish_reason == "error":
                 yield _sse(APIError(500, event.error, kind="server_error").body())
                 break
-            if event.text:
-                yield _sse(protocol.chat_chunk(name, body.model, {"content": event.text}, None))
-            if event.finish_reason is not None:
-                yield _sse(protocol.chat_chunk(name, body.model, {}, event.finish_reason))
-                if body.include_usage():
-                    usage = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                    yield _sse(protocol.chat_chunk(name, body.model, None, None, usage))
+            for chunk in chunks(event):
+                yield _sse(chunk)
         yield "data: [DONE]\n\n"
     finally:
         ticket.cancel()  # a no-op once finished; else the client went away: free the slot
 
 
-async def _stream_completion(queue, ticket, name: str, body):
-    try:
-        async for event in _events(queue):
-            if event is None:
-                yield ": keep-alive\n\n"
-                continue
-            if event.finish_reason == "error":
-                yield _sse(APIError(500, event.error, kind="server_error").body())
-                break
-            if event.text or event.finish_reason is not None:
-                yield _sse(protocol.completion_response(name, body.model, event.text, event.finish_reason, None))
-            if event.finish_reason is not None and body.include_usage():
-                usage = protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                yield _sse(protocol.completion_response(name, body.model, None, None, usage))
-        yield "data: [DONE]\n\n"
-    finally:
-        ticket.cancel()
+def _usage(event) -> dict:
+    return protocol.usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+
+
+def _stream_chat(queue, ticket, name: str, body):
+    def chunks(event):
+        if event.text:
+            yield protocol.chat_chunk(name, body.model, {"content": event.text}, None)
+        if event.finish_reason is not None:
+            yield protocol.chat_chunk(name, body.model, {}, event.finish_reason)
+            if body.include_usage():
+                yield protocol.chat_chunk(name, body.model, None, None, _usage(event))
+
+    return _stream(queue, ticket, chunks, protocol.chat_chunk(name, body.model, {"role": "assistant", "content": ""}, None))
+
+
+def _stream_completion(queue, ticket, name: str, body):
+    def chunks(event):
+        if event.text or event.finish_reason is not None:
+            yield protocol.completion_response(name, body.model, event.text, event.finish_reason, None)
+        if event.finish_reason is not None and body.include_usage():
+            yield protocol.completion_response(name, body.model, None, None, _usage(event))
+
+    return _stream(queue, ticket, chunks)
