@@ -102,5 +102,9 @@ def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
     expected = np.array(sdpa.reference(qkv[: heads * dims], keys, values, position + 1, scale))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     empty = [s for s in range(splits) if parts.reshape(heads, splits, dims + 2)[0, s, 1] == 0.0]
-    share = -(-(-(-(position + 1) // splits)) // (32 // (dims // 8))) * (32 // (dims // 8))
-    assert len(empty) == splits - min(splits, -(-(position + 1) // share))  # exactly the shares past the end
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    per_warp = 32 // (dims // 8)  # positions a SIMD-group scores at once: shares are whole multiples
+    share = ceil_div(ceil_div(position + 1, splits), per_warp) * per_warp
+    assert len(empty) == splits - min(splits, ceil_div(position + 1, share))  # exactly the shares past the end
