@@ -20,17 +20,8 @@ import mlx.core as mx  # noqa: E402
 
 import foundry_mlx as fm  # noqa: E402
 from foundry_mlx.engine.batch_decoder import batch_decoder_for  # noqa: E402
-from foundry_mlx.engine.decoder import fused_decoder_for, graph_nodes  # noqa: E402
+from foundry_mlx.engine.decoder import fused_decoder_for, graph_nodes, prefilled  # noqa: E402
 from foundry_mlx.engine.sampling import SamplingParams  # noqa: E402
-
-
-def prefilled(model, prompt, reserve):
-    cache = model.make_cache()
-    for layer_cache in cache:
-        layer_cache.reserve(reserve)
-    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1, :]
-    mx.eval(logits, [c.keys for c in cache], [c.values for c in cache])
-    return cache, logits
 
 
 def pipelined(advance, steps: int) -> float:

@@ -12,7 +12,7 @@ from tiny_models import llama_quantized_spec, qwen2_quantized_spec, write_tiny_m
 
 import foundry_mlx as fm
 from foundry_mlx.engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
-from foundry_mlx.engine.decoder import FusedDecoder
+from foundry_mlx.engine.decoder import FusedDecoder, prefilled
 from foundry_mlx.engine.sampling import SamplingParams
 from foundry_mlx.kernels import fused_batch, fused_step, sample
 from foundry_mlx.server.prompt_cache import PromptCache
@@ -37,24 +37,17 @@ def engine(request, tmp_path_factory):
     return model, tokenizer
 
 
-def _prefilled(model, prompt, reserve=64):
-    cache = model.make_cache()
-    for layer_cache in cache:
-        layer_cache.reserve(reserve)
-    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1, :]
-    return cache, logits
-
 
 def _alone(model, prompt, count, sampling=GREEDY, seed=0):
     """The single-sequence fused step (twin kernels): the first token from the prefill, then `count`."""
-    cache, logits = _prefilled(model, prompt)
+    cache, logits = prefilled(model, prompt, 64)
     decoder = FusedDecoder(model, fused_step.ReferenceKernels())
     tokens = [decoder.start(cache, logits, sampling, list(prompt), seed).item()]
     return tokens + [decoder.advance().item() for _ in range(count)]
 
 
 def _join(batch, owner, model, prompt, first, sampling=GREEDY, seed=0, counter_from_start=True):
-    cache, _ = _prefilled(model, prompt)
+    cache, _ = prefilled(model, prompt, 64)
     batch.join(owner, cache, first, list(prompt) + [first], sampling, seed, room=32)
     if counter_from_start and sampling.temperature > 0:  # the single step drew `first` with counter 0
         slot = batch.rows.index(owner)
@@ -98,7 +91,7 @@ def test_a_leaving_row_takes_its_positions_with_it(engine):
     slot = batch.rows.index(1)
     caches = batch.leave(1, length=len(PROMPTS[1]) + 3)
     fed = PROMPTS[1] + [first[1]] + [t[slot] for t in tokens[:2]]
-    expected, _ = _prefilled(model, fed)
+    expected, _ = prefilled(model, fed, 64)
     for ours, theirs in zip(caches, expected):
         assert mx.allclose(ours.keys, theirs.keys[..., : len(fed), :], atol=1e-4).item()
         assert mx.allclose(ours.values, theirs.values[..., : len(fed), :], atol=1e-4).item()

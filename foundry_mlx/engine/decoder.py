@@ -171,6 +171,17 @@ def fused_decoder_for(model) -> FusedDecoder | None:
     return decoder
 
 
+def prefilled(model, prompt: list[int], reserve: int) -> tuple[list[KVCache], mx.array]:
+    """A fresh cache with room for `reserve` positions holding `prompt`, and the prompt's last
+    logits (1, vocab), evaluated: where a decode test or benchmark starts."""
+    cache = model.make_cache()
+    for layer_cache in cache:
+        layer_cache.reserve(reserve)
+    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1, :]
+    mx.eval(logits, [c.keys for c in cache], [c.values for c in cache])
+    return cache, logits
+
+
 def graph_nodes(*outputs: mx.array) -> int:
     """Primitives in the graph that computes `outputs` from evaluated inputs (what MLX walks and
     dispatches each time; `mx.export_to_dot` draws one rectangle per primitive)."""

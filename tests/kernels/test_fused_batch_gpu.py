@@ -12,7 +12,7 @@ import pytest
 
 from foundry_mlx import kernels
 from foundry_mlx.engine.batch_decoder import BatchedFusedDecoder
-from foundry_mlx.engine.decoder import FusedDecoder, graph_nodes
+from foundry_mlx.engine.decoder import FusedDecoder, graph_nodes, prefilled
 from foundry_mlx.engine.sampling import SamplingParams
 from foundry_mlx.kernels import fused_batch, fused_step, sample
 
@@ -89,14 +89,6 @@ def test_each_row_is_the_single_row_kernels_result(model):
     assert rows.shape == (8, mlp.down_proj.in_features)
 
 
-def _prefilled(model, prompt, reserve=700):
-    cache = model.make_cache()
-    for layer_cache in cache:
-        layer_cache.reserve(reserve)
-    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1, :]
-    mx.eval(logits, [c.keys for c in cache], [c.values for c in cache])
-    return cache, logits
-
 
 def _prompts(count):
     rng = np.random.default_rng(9)
@@ -114,14 +106,14 @@ def test_batched_greedy_tokens_equal_each_row_alone(model):
     prompts = _prompts(8)
     alone = []
     for prompt in prompts:
-        cache, logits = _prefilled(model, prompt)
+        cache, logits = prefilled(model, prompt, 700)
         decoder = FusedDecoder(model, gpu_single)
         alone.append([decoder.start(cache, logits, SamplingParams(), prompt, 0).item()]
                      + [decoder.advance().item() for _ in range(32)])
     batch = BatchedFusedDecoder(model, fused_batch.BatchedGpuKernels(kernels.gpu_backend()))
     got = {}
     for index, prompt in enumerate(prompts):
-        cache, _ = _prefilled(model, prompt)
+        cache, _ = prefilled(model, prompt, 700)
         batch.join(index, cache, alone[index][0], prompt + [alone[index][0]], SamplingParams(), 0, room=40)
         got[index] = [alone[index][0]]
         if index in (2, 5):  # rows joining between steps, the others at different depths
@@ -150,9 +142,9 @@ def test_seeded_rows_are_reproducible_with_any_neighbours(model):
     def run(others):
         batch = BatchedFusedDecoder(model, fused_batch.BatchedGpuKernels(backend))
         for index in range(others):
-            cache, _ = _prefilled(model, prompts[index + 1])
+            cache, _ = prefilled(model, prompts[index + 1], 700)
             batch.join(index, cache, 5, prompts[index + 1] + [5], SamplingParams(temperature=1.0), 100 + index)
-        cache, _ = _prefilled(model, prompts[0])
+        cache, _ = prefilled(model, prompts[0], 700)
         batch.join("row", cache, 9, prompts[0] + [9], sampling, 11, room=30)
         return [batch.advance().tolist()[batch.rows.index("row")] for _ in range(24)]
 
@@ -165,7 +157,7 @@ def test_seeded_rows_are_reproducible_with_any_neighbours(model):
 def test_batched_step_is_the_single_steps_graph_nodes(model, rows):
     batch = BatchedFusedDecoder(model, fused_batch.BatchedGpuKernels(kernels.gpu_backend()))
     for index, prompt in enumerate(_prompts(rows)):
-        cache, _ = _prefilled(model, prompt)
+        cache, _ = prefilled(model, prompt, 700)
         batch.join(index, cache, 7, prompt + [7], SamplingParams(), 0, room=20)
     mx.eval(batch.advance(), batch.state)
     tokens = batch.advance()

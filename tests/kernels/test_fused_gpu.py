@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from foundry_mlx import kernels
-from foundry_mlx.engine.decoder import FusedDecoder, step_nodes
+from foundry_mlx.engine.decoder import FusedDecoder, prefilled, step_nodes
 from foundry_mlx.engine.generate import stream_generate
 from foundry_mlx.engine.sampling import SamplingParams
 from foundry_mlx.kernels import fused_step, sample
@@ -29,14 +29,6 @@ def model():
     return loaded, tokenizer
 
 
-def _prefilled(model, prompt, reserve=300):
-    cache = model.make_cache()
-    for layer_cache in cache:
-        layer_cache.reserve(reserve)
-    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1, :]
-    mx.eval(logits, [c.keys for c in cache], [c.values for c in cache])
-    return cache, logits
-
 
 def _close(a, b, tolerance):
     a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
@@ -48,7 +40,7 @@ def test_each_fused_kernel_matches_its_twin(model):
     loaded, _ = model
     gpu, ref = fused_step.GpuKernels(kernels.gpu_backend()), fused_step.ReferenceKernels()
     prompt = list(range(200, 237))
-    cache, _ = _prefilled(loaded, prompt)
+    cache, _ = prefilled(loaded, prompt, 300)
     state = sample.make_state(len(prompt), 4242, 0, 1, 0)
     attention, mlp = loaded.layers[0].self_attn, loaded.layers[0].mlp
     x_gpu = gpu.embed(state, loaded.embed_tokens.table, mx.float16)
@@ -169,7 +161,7 @@ def test_fused_decoder_runs_reference_kernels_on_gpu_too(model):
     tokens = {}
     for name, kernel_set in (("gpu", fused_step.GpuKernels(kernels.gpu_backend())),
                              ("reference", fused_step.ReferenceKernels())):
-        cache, logits = _prefilled(loaded, prompt)
+        cache, logits = prefilled(loaded, prompt, 300)
         decoder = FusedDecoder(loaded, kernel_set)
         sequence = [decoder.start(cache, logits, SamplingParams(), prompt, 0).item()]
         sequence += [decoder.advance().item() for _ in range(6)]
@@ -184,7 +176,7 @@ def test_layer_kernel_equals_the_five_kernels(model):
     gpu = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=True)
     five = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=False)
     prompt = list(range(900, 1233))
-    cache, _ = _prefilled(loaded, prompt, reserve=600)
+    cache, _ = prefilled(loaded, prompt, reserve=600)
     state = sample.make_state(len(prompt), 77, 0, 1, 0)
     x = five.embed(state, loaded.embed_tokens.table, mx.float16)
     for index in (0, 5, 23):
