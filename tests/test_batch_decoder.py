@@ -8,7 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from test_batch import run_all
-from tiny_models import llama_quantized_spec, qwen2_quantized_spec, write_tiny_model
+from tiny_models import fused_plan_spec, write_tiny_model
 
 import foundry_mlx as fm
 from foundry_mlx.engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
@@ -26,12 +26,7 @@ PROMPTS = [[5, 17, 99, 3, 42, 7, 120, 64], [40, 41], [7, 7, 7, 7, 7, 9, 11, 13, 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def engine(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("batch-fused") / f"{request.param}.gguf"
-    if request.param == "llama":
-        spec = llama_quantized_spec()
-    else:
-        types = qwen2_quantized_spec().types
-        spec = qwen2_quantized_spec(types={"token_embd": types["token_embd"]}, default_type=types["attn_q"])
-    write_tiny_model(path, spec)
+    write_tiny_model(path, fused_plan_spec(request.param))
     model, tokenizer = fm.load(str(path), progress=False)
     assert fused_step.unsupported_reason(model) is None
     return model, tokenizer

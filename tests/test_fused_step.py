@@ -9,7 +9,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import llama_quantized_spec, qwen2_quantized_spec, write_tiny_model
+from tiny_models import fused_plan_spec, qwen2_quantized_spec, write_tiny_model
 
 from foundry_mlx import load
 from foundry_mlx.engine import decoder as decoder_module
@@ -20,15 +20,11 @@ from foundry_mlx.engine.sampling import SamplingParams
 from foundry_mlx.kernels import fused_step, sample
 from foundry_mlx.kernels.sample import reference as draw
 
-ALL_QUANTIZED = dict(types={"token_embd": qwen2_quantized_spec().types["token_embd"]},
-                     default_type=qwen2_quantized_spec().types["attn_q"])
-
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("fused") / f"{request.param}.gguf"
-    spec = llama_quantized_spec() if request.param == "llama" else qwen2_quantized_spec(**ALL_QUANTIZED)
-    write_tiny_model(path, spec)
+    write_tiny_model(path, fused_plan_spec(request.param))
     loaded, tokenizer = load(str(path), progress=False)
     assert fused_step.unsupported_reason(loaded) is None
     return loaded, tokenizer

@@ -376,6 +376,15 @@ def llama_quantized_spec(**overrides: Any) -> TinySpec:
     return TinySpec(**values)
 
 
+def fused_plan_spec(family: str) -> TinySpec:
+    """A tiny qwen2 or llama model the fused decode step plans (kernels/fused_step.py): every
+    projection quantized (qwen2's real-file mix keeps some matrices F16/BF16, which it refuses)."""
+    if family == "llama":
+        return llama_quantized_spec()
+    types = qwen2_quantized_spec().types
+    return qwen2_quantized_spec(types={"token_embd": types["token_embd"]}, default_type=types["attn_q"])
+
+
 def gemma3_spec(**overrides: Any) -> TinySpec:
     """Gemma 3 with 6 layers (layer 5 global), a window of 8, GGUF Q8_0/Q5_0/Q4_K like the real file."""
     values: dict[str, Any] = dict(

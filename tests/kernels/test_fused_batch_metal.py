@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import llama_quantized_spec, qwen2_quantized_spec, write_tiny_model
+from tiny_models import fused_plan_spec, write_tiny_model
 
 from foundry_mlx import load
 from foundry_mlx.kernels import embed, fused_step, qgemv_batch, sample, sdpa
@@ -23,12 +23,7 @@ REFERENCE = BatchedReferenceKernels()
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("batch-metal") / f"{request.param}.gguf"
-    if request.param == "llama":
-        spec = llama_quantized_spec()
-    else:
-        quantized = qwen2_quantized_spec().types
-        spec = qwen2_quantized_spec(types={"token_embd": quantized["token_embd"]}, default_type=quantized["attn_q"])
-    write_tiny_model(path, spec)
+    write_tiny_model(path, fused_plan_spec(request.param))
     loaded, _ = load(str(path), progress=False)
     assert fused_step.unsupported_reason(loaded) is None
     return loaded
