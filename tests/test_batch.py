@@ -168,13 +168,19 @@ def test_batched_rows_go_to_the_prompt_cache_intact(engine):
         first = [GenerationRequest(tokenizer.encode(p), 6, ignore_eos=True) for p in ("hello the world", "a cat")]
         replies = run_all(scheduler, first)
         assert scheduler.batched_steps > 0 and wait_until_idle(scheduler) and len(cache) == 2
-        # Each conversation goes on from its stored KV (prompt + reply) and matches a fresh run.
-        follow = [GenerationRequest(r.ids + tokenizer.encode(reply) + tokenizer.encode(" and"), 4, ignore_eos=True)
-                  for r, reply in zip(first, replies)]
-        hits_before = cache.hits
-        assert run_all(scheduler, follow) == [
-            fm.generate(model, tokenizer, r.ids, max_tokens=4, ignore_eos=True) for r in follow
-        ]
-        assert cache.hits - hits_before == 2
+        assert_follow_ups_reuse_the_prompt_cache(scheduler, cache, first, replies)
     finally:
         scheduler.stop()
+
+
+def assert_follow_ups_reuse_the_prompt_cache(scheduler: Scheduler, cache: PromptCache, first, replies) -> None:
+    """Each conversation goes on from its stored KV (prompt + reply): one prompt-cache hit per
+    follow-up, and the same text as a fresh run of the whole conversation."""
+    model, tokenizer = scheduler.model, scheduler.tokenizer
+    follow = [GenerationRequest(r.ids + tokenizer.encode(reply) + tokenizer.encode(" and"), 4, ignore_eos=True)
+              for r, reply in zip(first, replies)]
+    hits_before = cache.hits
+    assert run_all(scheduler, follow) == [
+        fm.generate(model, tokenizer, r.ids, max_tokens=4, ignore_eos=True) for r in follow
+    ]
+    assert cache.hits - hits_before == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from test_batch import run_all
+from test_batch import assert_follow_ups_reuse_the_prompt_cache, run_all
 from tiny_models import fused_plan_spec, write_tiny_model
 
 import foundry_mlx as fm
@@ -207,13 +207,7 @@ def test_fused_batch_rows_go_to_the_prompt_cache_intact(engine):
                  for i, p in enumerate(("hello the world", "a cat"))]
         replies = run_all(scheduler, first)
         assert wait_until_idle(scheduler) and len(cache) == 2
-        follow = [GenerationRequest(r.ids + tokenizer.encode(reply) + tokenizer.encode(" and"), 4, ignore_eos=True)
-                  for r, reply in zip(first, replies)]
-        hits_before = cache.hits
-        assert run_all(scheduler, follow) == [
-            fm.generate(model, tokenizer, r.ids, max_tokens=4, ignore_eos=True) for r in follow
-        ]
-        assert cache.hits - hits_before == 2
+        assert_follow_ups_reuse_the_prompt_cache(scheduler, cache, first, replies)
     finally:
         scheduler.stop()
 
