@@ -34,7 +34,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import qgemv, sdpa
-from .source import KernelSource, float_literal, literal_tag
+from .source import KernelSource, literal_tag
 
 BLOCKS = 128
 WARPS = qgemv.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
@@ -140,8 +140,7 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
     # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
     # split into SPLITS shares (one virtual threadgroup each), then the shares merged per head.
     splits = attention_splits(heads)
-    body = sdpa.split_body().replace("SCALAR(valid)", "(state[0] + 1)").replace(
-        "SCALAR(softmax_scale)", float_literal(attention.scale))
+    body = sdpa.from_state(sdpa.split_body(), attention.scale)
     constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=capacity, WARPS=WARPS, SPLITS=splits)
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
                 ("float*", "parts", "MUTABLE(float, attn_parts)")]

@@ -173,11 +173,18 @@ MERGE_BODY = """
 SOURCE = KernelSource("foundry_decode_attention", ("q", "keys", "values", "valid", "softmax_scale"), ("out",), BODY)
 
 
+def from_state(body: str, scale: float) -> str:
+    """`body` in the fused step's form: the valid length is the step's position + 1, read from its
+    device-resident `state`, and the scale is baked in (no 0-d inputs: MLX keeps those in managed
+    memory)."""
+    return body.replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)", float_literal(scale))
+
+
 def fused_source(scale: float) -> KernelSource:
     """The fused decode step's form: the query is the head of the fused QKV kernel's output (Q rows
     come first), the valid length is the step's position + 1 read from its device-resident `state`,
     and the scale is baked into the source (no 0-d inputs: MLX keeps those in managed memory)."""
-    body = BODY.replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)", float_literal(scale))
+    body = from_state(BODY, scale)
     return KernelSource("foundry_decode_attention_fused_s" + literal_tag(scale), ("q", "keys", "values", "state"),
                         ("out",), body)
 

@@ -77,7 +77,7 @@ def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
     """The layer kernel's attention phase (kernels/fused_layer.py) as two Metal kernels: each head's
     positions in `splits` shares (sdpa.split_body, partial softmaxes), then sdpa.MERGE_BODY. Shares
     that see no position (short contexts, many splits) must drop out of the merge."""
-    from foundry_mlx.kernels.source import KernelSource, float_literal
+    from foundry_mlx.kernels.source import KernelSource
 
     heads, kv_heads, dims, length, warps, scale = 4, 2, 32, 64, 2, 0.17
     rng = np.random.default_rng(position + splits)
@@ -85,8 +85,7 @@ def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
     keys = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     values = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     state = sample.make_state(position, 0, 0, 0, 0)
-    body = sdpa.split_body().replace("SCALAR(valid)", "(state[0] + 1)").replace("SCALAR(softmax_scale)",
-                                                                               float_literal(scale))
+    body = sdpa.from_state(sdpa.split_body(), scale)
     split = KernelSource("split_attention", ("q", "keys", "values", "state"), ("parts",), body)
     part_size = heads * splits * (dims + 2)
     (parts,) = run_source(split, dict(
