@@ -230,18 +230,14 @@ def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSour
     }
     if "qkv_bias" in names:
         arrays["qkv_bias"] = qkv.bias
-    heads, dims = attention.n_heads, rope.dims
-    hidden = o_proj.out_features
-    size = scratch_offsets(qkv.out_features, heads * dims, hidden, down.in_features)["scratch_size"]
-    arrays["scratch"] = _scratch(size, x.dtype)
-    arrays["attn_parts"] = _scratch(heads * attention_splits(heads) * (dims + 2), mx.float32)
+    arrays["scratch"], arrays["attn_parts"] = scratch_buffers(attention, mlp, x.dtype)
     threads = WARPS * 32
     kwargs = dict(
         inputs=[arrays[n] for n in names],
         template=[("T", x.dtype)],
         grid=(BLOCKS * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(hidden,)],
+        output_shapes=[(o_proj.out_features,)],
         output_dtypes=[x.dtype],
     )
     return source, kwargs
@@ -250,14 +246,14 @@ def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSour
 _scratches: dict[tuple, mx.array] = {}
 
 
-def prepare(attention, mlp, dtype: mx.Dtype) -> None:
-    """Make the layer's scratch buffers now, outside any `mx.compile` trace (a buffer made while
-    tracing would become a node of every step)."""
+def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """The layer's scratch buffers (intermediates in `dtype`, attention shares in float32), made on
+    first use. `GpuKernels.prepare` asks for them before the step is traced: a buffer made while
+    tracing would become a node of every step."""
     heads, dims = attention.n_heads, attention.rope.dims
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
-    _scratch(sizes["scratch_size"], dtype)
-    _scratch(heads * attention_splits(heads) * (dims + 2), mx.float32)
+    return _scratch(sizes["scratch_size"], dtype), _scratch(heads * attention_splits(heads) * (dims + 2), mx.float32)
 
 
 def _scratch(size: int, dtype: mx.Dtype) -> mx.array:

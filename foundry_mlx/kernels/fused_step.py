@@ -124,7 +124,7 @@ class GpuKernels:
         if self.backend == "cuda" and self.layer_kernel:
             dtype = model.layers[0].self_attn.norm_weight.dtype
             for layer in model.layers:
-                fused_layer.prepare(layer.self_attn, layer.mlp, dtype)
+                fused_layer.scratch_buffers(layer.self_attn, layer.mlp, dtype)
 
     def layer(self, x, attention, mlp, state, keys, values):
         """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels."""
