@@ -119,3 +119,15 @@ def test_one_launch_per_layer_is_chosen_for_layers_that_fit_in_l2(shape, chosen)
     mlp = SimpleNamespace(gate_up_proj=linear(2 * ffn, hidden), down_proj=linear(hidden, ffn))
     model = SimpleNamespace(layers=[SimpleNamespace(self_attn=attention, mlp=mlp)])
     assert fused_layer.suits(model) is chosen
+
+
+@pytest.mark.parametrize("switch", ["1", "0", ""])
+def test_metal_never_takes_the_layer_kernel(switch, monkeypatch):
+    """One launch per layer needs a grid-wide barrier, which Metal lacks: whatever the switch says,
+    the Metal kernel set runs five kernels per layer (and says so, for `bench`'s header)."""
+    from foundry_mlx.kernels import fused_step
+
+    monkeypatch.setenv("FOUNDRY_LAYER_KERNEL", switch)
+    assert fused_step.GpuKernels("metal").layer_kernel is False
+    assert fused_step.GpuKernels("metal", layer_kernel=True).layer_kernel is False
+    assert fused_step.GpuKernels("cuda").layer_kernel is {"1": True, "0": False}.get(switch)

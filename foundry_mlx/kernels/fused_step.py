@@ -74,9 +74,11 @@ class GpuKernels:
     def __init__(self, backend: str, layer_kernel: bool | None = None) -> None:
         self.backend = backend
         self._built: dict[str, object] = {}
-        # None: chosen per model by `prepare` (FOUNDRY_LAYER_KERNEL=1 / 0 forces it on / off).
+        # Whether each layer is one launch: CUDA only (Metal has no grid-wide barrier); None until
+        # `prepare` chooses per model (FOUNDRY_LAYER_KERNEL=1 / 0 forces it on / off).
         switch = os.environ.get("FOUNDRY_LAYER_KERNEL", "")
-        self.layer_kernel = layer_kernel if layer_kernel is not None else {"1": True, "0": False}.get(switch)
+        wanted = layer_kernel if layer_kernel is not None else {"1": True, "0": False}.get(switch)
+        self.layer_kernel = wanted if backend == "cuda" else False
 
     def _kernel(self, source):
         kernel = self._built.get(source.name)
@@ -121,14 +123,14 @@ class GpuKernels:
         across steps before the step is traced."""
         if self.layer_kernel is None:
             self.layer_kernel = fused_layer.suits(model)
-        if self.backend == "cuda" and self.layer_kernel:
+        if self.layer_kernel:
             dtype = model.layers[0].self_attn.norm_weight.dtype
             for layer in model.layers:
                 fused_layer.scratch_buffers(layer.self_attn, layer.mlp, dtype)
 
     def layer(self, x, attention, mlp, state, keys, values):
         """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels."""
-        if self.backend != "cuda" or not self.layer_kernel:
+        if not self.layer_kernel:
             return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
         source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values)
         return self._kernel(source)(**arguments)[0], keys, values
