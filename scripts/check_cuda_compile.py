@@ -78,7 +78,7 @@ def compile_fused(args, scratch: Path) -> bool:
                 "residual": dtype, "inv_freq": "float32", "state": "int32", "k_cache": dtype, "v_cache": dtype}
         gemv = [("T", dtype), ("BITS", 5), ("GROUP", 32), ("K", 896), ("UNITS", 576), ("ROWS", 1), ("WARPS_N", 4),
                 ("WARPS_K", 2), ("CHUNK", qgemv.chunk(5)), ("HALF", 32), ("ROPE_ROWS", 1024), ("Q_ROWS", 896),
-                ("KV_ROWS", 128), ("HEAD_DIM", 64), ("S", 512)]
+                ("KV_ROWS", 128), ("HEAD_DIM", 64)]
         for variant in (qgemv.Variant(norm=True, bias=True, rope=True, fused=True), qgemv.Variant(residual=True, fused=True),
                         qgemv.Variant(norm=True, swiglu=True, fused=True), qgemv.Variant(norm=True, fused=True)):
             source = qgemv.kernel_source(variant, "cuda", 1e-6)
@@ -87,7 +87,7 @@ def compile_fused(args, scratch: Path) -> bool:
         source = sdpa.fused_source(0.125)
         failed |= _compile(args, scratch, f"fused attention {dtype}", f"attention_fused_{dtype}", source,
                            {"q": dtype, "keys": dtype, "values": dtype, "state": "int32"}, [("out", dtype)],
-                           [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 512), ("WARPS", 8)])
+                           [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("WARPS", 8)])
         source = embed.kernel_source()
         failed |= _compile(args, scratch, f"embedding {dtype}", f"embed_{dtype}", source,
                            {"state": "int32", "table": "uint32", "scales": dtype, "biases": dtype}, [("x", dtype)],
@@ -117,14 +117,14 @@ def compile_batched(args, scratch: Path) -> bool:
             columns = units if variant.swiglu else units * variant.rows_per_unit
             template = [("T", dtype), *constants.items(), ("HALF", 32), ("ROPE_ROWS", 1024), ("BATCH", 8),
                         ("Y_COLS", columns), ("STATE_STRIDE", 8), ("Q_ROWS", 896), ("KV_ROWS", 128), ("HEAD_DIM", 64),
-                        ("S", 512)]
+                        ("STAGE", bits != 6)]
             source = qgemv_batch.kernel_source(variant, "cuda", 1e-6)
             failed |= _compile(args, scratch, f"{source.name} B=8 bits={bits} {dtype}", f"{source.name}_{dtype}",
                                source, types, [("y", dtype)], template)
         source = sdpa.batched_source(0.125)
         failed |= _compile(args, scratch, f"batched attention {dtype}", f"attention_batch_{dtype}", source,
                            {"q": dtype, "keys": dtype, "values": dtype, "state": "int32"}, [("out", dtype)],
-                           [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 512), ("WARPS", 8),
+                           [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("WARPS", 8),
                             ("QKV_COLS", 1152), ("STATE_STRIDE", 8)])
         source = embed.batched_source()
         failed |= _compile(args, scratch, f"batched embedding {dtype}", f"embed_batch_{dtype}", source,
@@ -160,7 +160,7 @@ def compile_layer(args, scratch: Path) -> bool:
         attention = SimpleNamespace(qkv_proj=_Linear(1152, 896, bits, bias=True), o_proj=_Linear(896, 896, bits),
                                     n_heads=14, n_kv_heads=2, rope=SimpleNamespace(dims=64), eps=1e-6, scale=0.125)
         mlp = SimpleNamespace(gate_up_proj=_Linear(9728, 896, bits), down_proj=_Linear(896, 4864, down_bits), eps=1e-6)
-        source, names = fused_layer.layer_source(attention, mlp, 2304)
+        source, names = fused_layer.layer_source(attention, mlp)
         types = {n: "uint32" if n.endswith("_w") else "float16" for n in names}
         types |= {"inv_freq": "float32", "state": "int32", "attn_parts": "float32"}
         failed |= _compile(args, scratch, f"layer kernel bits {bits}/{down_bits}", f"layer_{bits}_{down_bits}", source,
@@ -202,7 +202,7 @@ def main() -> int:
         for dtype in ("float16", "float32"):
             header, body = sdpa.SOURCE.launch_text("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}
-            template = [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("S", 256), ("WARPS", sdpa.warps_for(2304))]
+            template = [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("WARPS", sdpa.warps_for(2304))]
             text = mlx_cuda_source("custom_kernel_attention", [(n, types[n]) for n in sdpa.SOURCE.input_names],
                                    [("out", dtype)], header, body, template)
             path = Path(scratch) / f"attention_{dtype}.cu"

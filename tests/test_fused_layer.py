@@ -65,7 +65,7 @@ def test_the_layer_source_names_each_phase_and_writes_one_output():
                                 o_proj=_Linear(hidden, heads * dims, 4), n_heads=heads, n_kv_heads=kv_heads,
                                 rope=SimpleNamespace(dims=dims), eps=1e-6, scale=dims ** -0.5)
     mlp = SimpleNamespace(gate_up_proj=_Linear(2 * ffn, hidden, 4), down_proj=_Linear(hidden, ffn, 4), eps=1e-6)
-    source, inputs = fused_layer.layer_source(attention, mlp, 512)
+    source, inputs = fused_layer.layer_source(attention, mlp)
     assert source.output_names == ("x_out",)
     assert "scratch" in inputs and "attn_parts" in inputs
     assert source.body.count("foundry_grid_sync();") == 5  # six phases, five barriers

@@ -75,7 +75,9 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
     """A phase: its template constants and input/output names bound in a scope of its own, its
     body run for each virtual threadgroup this block owns, then a grid-wide barrier."""
     lines = ["  {"]
-    lines += [f"    constexpr int {name} = {int(value)};" for name, value in constants.items()]
+    # A string value is a run-time expression (the cache capacity, from the cache's shape).
+    lines += [f"    const int {name} = {value};" if isinstance(value, str) else f"    constexpr int {name} = {int(value)};"
+              for name, value in constants.items()]
     lines += [f"    {kind} {name} = {source};" for kind, name, source in pointers]
     lines.append(f"    for (unsigned int virtual_group = blockIdx.x; virtual_group < {groups}u; virtual_group += gridDim.x) {{")
     lines.append("      const unsigned int group_id = virtual_group;")
@@ -94,6 +96,8 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
 # suits small layers (0.5B: ~9 MB). A 7B layer (~117 MB at 4 bits) would thrash the H200's 50 MB L2
 # and needs more loads in flight than 128 blocks keep: it takes the five-kernel step.
 MAX_LAYER_BYTES = 16 << 20
+
+CAPACITY = "k_cache_shape[2]"  # positions the cache buffers hold: read at run time, not compiled in
 
 
 def suits(model) -> bool:
@@ -118,8 +122,9 @@ def _gemv_constants(units: int, k: int, layer, rows_per_unit: int = 1) -> tuple[
     return constants, -(-units // (constants["WARPS_N"] * constants["ROWS"]))
 
 
-def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]]:
-    """The kernel of one layer shape (bits, widths, heads, cache capacity) and its input names."""
+def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
+    """The kernel of one layer shape (bits, widths, heads) and its input names. The cache capacity
+    S is read from the cache's shape at run time: one compile serves every capacity."""
     qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
     heads, kv_heads, dims = attention.n_heads, attention.n_kv_heads, attention.rope.dims
     hidden, ffn = o_proj.out_features, down.in_features
@@ -129,7 +134,7 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
     variant = qgemv.Variant(norm=True, bias=has_bias, rope=True, fused=True)
     constants, groups = _gemv_constants(qkv.out_features // 2, hidden, qkv, 2)
     constants |= dict(HALF=dims // 2, ROPE_ROWS=(heads + kv_heads) * dims, Q_ROWS=heads * dims,
-                      KV_ROWS=kv_heads * dims, HEAD_DIM=dims, S=capacity)
+                      KV_ROWS=kv_heads * dims, HEAD_DIM=dims, S=CAPACITY)
     pointers = [("const uint32_t*", "w", "qkv_w"), ("const T*", "scales", "qkv_scales"),
                 ("const T*", "biases", "qkv_biases"), ("const T*", "norm_weight", "input_norm"),
                 ("T*", "y", "MUTABLE(T, scratch)")]
@@ -141,7 +146,7 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
     # split into SPLITS shares (one virtual threadgroup each), then the shares merged per head.
     splits = attention_splits(heads)
     body = sdpa.from_state(sdpa.split_body(), attention.scale)
-    constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=capacity, WARPS=WARPS, SPLITS=splits)
+    constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=CAPACITY, WARPS=WARPS, SPLITS=splits)
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
                 ("float*", "parts", "MUTABLE(float, attn_parts)")]
     phases.append(_scope(constants, pointers, heads * splits, body))
@@ -165,13 +170,13 @@ def layer_source(attention, mlp, capacity: int) -> tuple[KernelSource, list[str]
     pointers = [("const T*", "x", "scratch + ACTIVATED_AT"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "scratch + H_AT"), ("T*", "y", "x_out")]
     phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), sync=False))
-    prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims, capacity)
+    prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims)
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases",
                "scratch", "attn_parts"]
     shape = "_".join(str(v) for v in (qkv.bits, o_proj.bits, gate_up.bits, down.bits, hidden, ffn, heads, kv_heads,
-                                      dims, capacity, int(has_bias)))
+                                      dims, int(has_bias)))
     tag = "_".join(literal_tag(v) for v in (attention.eps, mlp.eps, attention.scale))
     name = f"foundry_layer_{shape}_{tag}"
     # The phases' intermediates go to one scratch buffer written in place (an input), not to fresh
@@ -199,7 +204,7 @@ def attention_splits(heads: int) -> int:
     return max(1, min(16, BLOCKS // heads))
 
 
-def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int, capacity: int) -> str:
+def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int) -> str:
     lines = []
     for prefix, layer in (("o", o_proj), ("gate_up", gate_up), ("down", down)):
         rows, columns = layer.out_features, layer.in_features
@@ -208,7 +213,7 @@ def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int, capacity: int) ->
         lines.append(f"  foundry_prefetch_l2({prefix}_scales, {groups}l * (long)sizeof(T));")
         lines.append(f"  foundry_prefetch_l2({prefix}_biases, {groups}l * (long)sizeof(T));")
     lines.append(f"  for (int h = 0; h < {kv_heads}; ++h) {{")
-    lines.append(f"    const long offset = (long)h * {capacity * dims}, bytes = (long)state[0] * {dims} * (long)sizeof(T);")
+    lines.append(f"    const long offset = (long)h * {CAPACITY} * {dims}, bytes = (long)state[0] * {dims} * (long)sizeof(T);")
     lines.append("    foundry_prefetch_l2(k_cache + offset, bytes);")
     lines.append("    foundry_prefetch_l2(v_cache + offset, bytes);")
     lines.append("  }")
@@ -218,7 +223,7 @@ def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int, capacity: int) ->
 def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSource, dict]:
     """The layer kernel and the keyword arguments of its call: (source, kwargs)."""
     qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
-    source, names = layer_source(attention, mlp, keys.shape[2])
+    source, names = layer_source(attention, mlp)
     rope = attention.rope
     arrays = {
         "x": x, "qkv_w": qkv.weight, "qkv_scales": qkv.scales, "qkv_biases": qkv.biases,

@@ -300,7 +300,15 @@ def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> K
     name = variant.name
     if variant.fused and variant.norm:
         name += "_eps" + literal_tag(eps)
-    return KernelSource(name, variant.input_names(), ("y",), body(variant, eps), _HEADER[backend])
+    return KernelSource(name, variant.input_names(), ("y",), runtime_capacity(variant) + body(variant, eps),
+                        _HEADER[backend])
+
+
+def runtime_capacity(variant: Variant) -> str:
+    """The fused QKV kernel's cache capacity S, read from the cache's shape at run time rather than
+    baked into the source: one compile serves every capacity (a baked S compiled the kernel again
+    at every 256-position step of a reply)."""
+    return "  const int S = k_cache_shape[2];\n" if variant.rope and variant.fused else ""
 
 
 WARPS = 8  # SIMD-groups per threadgroup
@@ -383,10 +391,10 @@ def launch(
     if variant.rope:
         inv_freq = inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32)
         if variant.fused:
-            _, kv_heads, capacity, _ = k_cache.shape
+            kv_heads = k_cache.shape[1]
             inputs += [inv_freq, state, k_cache, v_cache]
             cache_template = [("Q_ROWS", rope_rows - kv_heads * head_dim), ("KV_ROWS", kv_heads * head_dim),
-                              ("HEAD_DIM", head_dim), ("S", capacity)]
+                              ("HEAD_DIM", head_dim)]
         else:
             index = position if isinstance(position, mx.array) else scalar(position, mx.int32)
             inputs += [inv_freq, index]

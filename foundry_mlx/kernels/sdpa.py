@@ -170,7 +170,13 @@ MERGE_BODY = """
 """
 
 
-SOURCE = KernelSource("foundry_decode_attention", ("q", "keys", "values", "valid", "softmax_scale"), ("out",), BODY)
+# The cache capacity S (the buffers' third axis) is read from the keys' shape at run time, not baked
+# in: a source per capacity meant an NVRTC compile of every attention kernel each time a sequence
+# crossed a 256-position step (seconds of stall mid-reply, and per batch layout in the server).
+RUNTIME_S = "  const int S = keys_shape[2];\n"
+
+SOURCE = KernelSource("foundry_decode_attention", ("q", "keys", "values", "valid", "softmax_scale"), ("out",),
+                      RUNTIME_S + BODY)
 
 
 def from_state(body: str, scale: float) -> str:
@@ -184,7 +190,7 @@ def fused_source(scale: float) -> KernelSource:
     """The fused decode step's form: the query is the head of the fused QKV kernel's output (Q rows
     come first), the valid length is the step's position + 1 read from its device-resident `state`,
     and the scale is baked into the source (no 0-d inputs: MLX keeps those in managed memory)."""
-    body = from_state(BODY, scale)
+    body = RUNTIME_S + from_state(BODY, scale)
     return KernelSource("foundry_decode_attention_fused_s" + literal_tag(scale), ("q", "keys", "values", "state"),
                         ("out",), body)
 
@@ -243,8 +249,7 @@ def _launch(inputs: list, dtype: mx.Dtype, heads: int, keys: mx.array) -> dict:
     warps = warps_for(length)
     return dict(
         inputs=inputs,
-        template=[("T", dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
-                  ("WARPS", warps)],
+        template=[("T", dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("WARPS", warps)],
         grid=(heads * warps * 32, 1, 1),
         threadgroup=(warps * 32, 1, 1),
         output_shapes=[(heads * head_dim,)],

@@ -85,12 +85,12 @@ def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
     keys = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     values = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     state = sample.make_state(position, 0, 0, 0, 0)
-    body = sdpa.from_state(sdpa.split_body(), scale)
+    body = sdpa.RUNTIME_S + sdpa.from_state(sdpa.split_body(), scale)
     split = KernelSource("split_attention", ("q", "keys", "values", "state"), ("parts",), body)
     part_size = heads * splits * (dims + 2)
     (parts,) = run_source(split, dict(
         inputs=[qkv, keys, values, state], grid=(heads * splits * warps * 32, 1, 1), threadgroup=(warps * 32, 1, 1),
-        template=[("T", mx.float32), ("D", dims), ("HEADS", heads), ("KV_HEADS", kv_heads), ("S", length),
+        template=[("T", mx.float32), ("D", dims), ("HEADS", heads), ("KV_HEADS", kv_heads),
                   ("WARPS", warps), ("SPLITS", splits)],
         output_shapes=[(part_size,)], output_dtypes=[mx.float32]))
     merge = KernelSource("merge_attention", ("parts",), ("out",), sdpa.MERGE_BODY)
