@@ -51,6 +51,16 @@ def test_health_and_models(server):
         server.client().models.retrieve("gpt-4")
 
 
+def test_health_counts_the_engine_time_by_kind(server):
+    """GET /health splits the engine thread's time into prefill, batch membership and decode: the
+    numbers that say where a slow server spends its steps."""
+    before = httpx.get(f"{server.url}/health").json()["engine_seconds"]
+    server.client().completions.create(model="tiny", prompt="hello the world", max_tokens=6, temperature=0)
+    after = httpx.get(f"{server.url}/health").json()["engine_seconds"]
+    assert set(after) == {"prefill", "membership", "decode"}
+    assert after["prefill"] > before["prefill"] and after["decode"] > before["decode"], (before, after)
+
+
 def test_chat_streamed_equals_plain_equals_generate(server, engine):
     model, tokenizer = engine
     client = server.client()

@@ -105,7 +105,8 @@ def _health(state: ServerState):
         scheduler = state.scheduler
         steps = {"decode_steps": scheduler.steps, "batched_steps": scheduler.batched_steps,
                  "largest_batch": scheduler.max_rows_seen, "batched": scheduler.batched,
-                 "fused_batch": scheduler.fused is not None}
+                 "fused_batch": scheduler.fused is not None,
+                 "engine_seconds": {kind: round(value, 3) for kind, value in scheduler.seconds.items()}}
         return JSONResponse({"status": "ok", "model": state.config.model_id, **scheduler.load, **steps})
 
     return health

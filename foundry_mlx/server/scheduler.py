@@ -101,6 +101,9 @@ class Scheduler:
         self.steps = 0
         self.batched_steps = 0
         self.max_rows_seen = 0
+        # Seconds the engine thread spent per kind of work (GET /health shows them): prefill, batch
+        # membership changes (drain, join, leave), decode steps (queueing, waiting, accepting).
+        self.seconds = {"prefill": 0.0, "membership": 0.0, "decode": 0.0}
 
     # --- the caller's side (HTTP threads) ---------------------------------------------------------
 
@@ -174,15 +177,18 @@ class Scheduler:
         for sequence in live:
             if sequence.speculative is not None and not (alone and sequence.decoding):
                 self._resolve(sequence)  # others arrived: the step queued ahead becomes an ordinary one
+        clock = time.perf_counter()
         prefilling = next((s for s in live if not s.started or s.prompt_left), None)
         if prefilling is not None:
             self._prefill(prefilling)
+        clock = self._count("prefill", clock)
         decoding = [s for s in live if s.decoding]
         self._sync_batch(decoding)
         if alone and len(decoding) == 1:
             self._decode_ahead(decoding[0])
         elif decoding:
             self._decode(decoding)
+        self._count("decode", clock)
         for sequence in live:
             if sequence.finished and sequence.cache is not None and sequence not in self._batch_rows:
                 self._retire(sequence)
@@ -250,7 +256,7 @@ class Scheduler:
                 recent = mx.concatenate([recent, current])[-sequence.request.sampling.repetition_context :]
             sequence.speculative = sequence.sample(decode(current, sequence.cache), recent)
             mx.async_eval(sequence.speculative)
-        value = current.item()
+        value = _read(current)[0]
         sequence.fed()
         sequence.accept(value)
         if sequence.finished:
@@ -258,7 +264,7 @@ class Scheduler:
 
     def _resolve(self, sequence: LiveSequence) -> None:
         """Finish the step queued ahead for `sequence`: it fed the pending token and sampled the next."""
-        value = sequence.speculative.item()
+        value = _read(sequence.speculative)[0]
         sequence.speculative = None
         sequence.fed()
         sequence.accept(value)
@@ -266,9 +272,11 @@ class Scheduler:
     # --- the fused batch ------------------------------------------------------------------------
 
     def _fused_turn(self, live: list[LiveSequence]) -> None:
+        clock = time.perf_counter()
         prefilling = next((s for s in live if not s.started or s.prompt_left), None)
         if prefilling is not None:
             self._prefill(prefilling)
+        clock = self._count("prefill", clock)
         decoding = [s for s in live if s.decoding]
         members = self.fused.members
         if any(s not in members for s in decoding) or any(s not in decoding for s in members):
@@ -277,8 +285,10 @@ class Scheduler:
             for sequence in live:
                 if sequence.decoding and sequence not in self.fused.members:
                     self._join(sequence)
+        clock = self._count("membership", clock)
         if self.fused.members:
             self._fused_step()
+        self._count("decode", clock)
         for sequence in live:
             if sequence.finished and sequence.cache is not None:
                 self._retire(sequence)
@@ -303,7 +313,7 @@ class Scheduler:
         while len(self._queued) < min(self.ahead, useful):
             self._queued.append(self.fused.advance())
             mx.async_eval(self._queued[-1])
-        self._accept(self._queued.popleft().tolist())
+        self._accept(_read(self._queued.popleft()))
         if any(not s.decoding for s in self.fused.members):
             self._drain()
             self._leave_finished()
@@ -318,7 +328,7 @@ class Scheduler:
         """Read the steps queued ahead: each fed every row's pending token and sampled the next."""
         while self._queued:
             self.steps += 1
-            self._accept(self._queued.popleft().tolist())
+            self._accept(_read(self._queued.popleft()))
 
     def _leave_finished(self) -> None:
         for sequence in self.fused.members:
@@ -326,6 +336,11 @@ class Scheduler:
                 sequence.cache = self.fused.leave(sequence, length=len(sequence.tokens))
             elif sequence.cancelled:
                 self.fused.leave(sequence)
+
+    def _count(self, kind: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[kind] += now - since
+        return now
 
     @staticmethod
     def _reserve(decoding: list[LiveSequence]) -> int:
@@ -336,6 +351,14 @@ class Scheduler:
         if self.prompt_cache is not None and sequence.cache is not None and not sequence.cancelled:
             self.prompt_cache.store(sequence.tokens, sequence.cache)
         sequence.cache = None
+
+
+def _read(tokens: mx.array) -> list[int]:
+    """Token ids to the host. `mx.eval` first: it waits for the device with the GIL released, where
+    `tolist()` and `item()` hold it while they wait, starving the HTTP threads of the interpreter
+    for the length of every step queued ahead."""
+    mx.eval(tokens)
+    return tokens.tolist()
 
 
 def wait_until_idle(scheduler: Scheduler, timeout: float = 10.0) -> bool:
