@@ -68,7 +68,12 @@ def test_metal_batched_qkv_writes_each_row_at_its_position(model):
     assert not np.allclose(new_keys, np.array(keys))
 
 
-def test_metal_batched_projections_match_twins(model):
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "normalised-per-row"])
+def test_metal_batched_projections_match_twins(model, staged, monkeypatch):
+    """Both forms of the RMSNorm'd GEMVs: the B rows staged in shared memory once, and (where B·K
+    would not fit) normalised again for each weight row."""
+    if not staged:
+        monkeypatch.setattr(qgemv_batch, "STAGED_BYTES", 0)
     attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
     hidden, ffn = attention.o_proj.out_features, mlp.down_proj.in_features
     x, residual = _random((3, attention.o_proj.in_features), 4), _random((3, hidden), 5)
