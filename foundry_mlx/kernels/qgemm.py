@@ -37,13 +37,20 @@ METAL_TILE = (64, 64, 2, 2)  # 4 SIMD-groups of 32x32; float tiles of 2x64x36 fi
 
 
 def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
-    """The tile for one launch. CUDA: the smallest tile that covers M for tiny M; 128x128 when that
-    still gives two waves of threadgroups on an H200's 132 SMs, else 64x128 (mid M, narrow N)."""
+    """The tile for one launch. CUDA: the smallest tile that covers M for M <= 32; above that 128x128
+    unless it leaves fewer than 16 threadgroups for the 132 SMs, then 64x128.
+
+    Measured on an H200 (benchmarks/results/h200-qgemm.json, kernel at commit 1eb91fa, file
+    committed in 93b9363): 128x128 beat 64x128 at 29 of the 30 points with M >= 128 (Qwen2.5 7B
+    and 0.5B matrices), by 10-25% on the 7B ones (7B down at M=512: 376 against 468 µs); the one
+    loss is 0.5B qkv at M=128 (9 threadgroups: 19.1 against 18.1 µs), hence the floor. The floor
+    also sends 0.5B o and down at M=128 (7 threadgroups) to 64x128, 3-5% slower there; MLX's
+    quantized_matmul is twice as fast as either on those shapes, so the table never routes them."""
     if backend == "metal":
         return METAL_TILE
     if m <= 32:
         return CUDA_TILES["16x128" if m <= 16 else "32x128"]
-    if -(-m // 128) * -(-n // 128) >= 264:
+    if -(-m // 128) * -(-n // 128) >= 16:
         return CUDA_TILES["128x128"]
     return CUDA_TILES["64x128"]
 

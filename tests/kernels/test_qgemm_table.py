@@ -90,3 +90,15 @@ def test_ops_linear_routes_through_the_kernel(monkeypatch):
     assert calls == ["metal"]
     error = np.abs(np.array(ours.astype(mx.float32)) - np.array(reference)).max() / np.abs(np.array(reference)).max()
     assert error < 4 * 2**-10, f"relative error {error:.3g}"
+
+
+def test_cuda_tile_follows_the_h200_measurements():
+    """kernels/qgemm.py's tile rule: the M-sized tiles up to 32 rows, then 128x128 unless it leaves
+    fewer than 16 threadgroups (0.5B qkv at M=128 measured faster on 64x128)."""
+    def name(m, n):
+        return "x".join(map(str, qgemm.tile("cuda", m, n)[:2]))
+    assert [name(m, 4608) for m in (1, 16, 17, 32)] == ["16x128", "16x128", "32x128", "32x128"]
+    assert name(128, 4608) == name(512, 3584) == name(33, 37888) == "128x128"  # 36, 112, 296 groups
+    assert name(128, 1152) == name(128, 896) == "64x128"  # 9 and 7 threadgroups of 128x128
+    assert name(2048, 896) == "128x128"
+    assert qgemm.tile("metal", 2048, 4608) == qgemm.METAL_TILE
