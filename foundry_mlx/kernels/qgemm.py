@@ -10,7 +10,8 @@ the source is in kernels/qgemm_source.py. The optional epilogue adds the layer's
 residual stream, as `ops.linear` would after MLX's `quantized_matmul`.
 
 Whether prefill uses it is decided per shape by measurements (kernels/qgemm_table.py): MLX's own
-`quantized_matmul` stays the default wherever nothing says the kernel wins.
+`quantized_matmul` stays the default wherever nothing says the kernel (or the dense route,
+kernels/qgemm_dense.py) wins.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from . import qgemm_source, qgemm_table
+from . import qgemm_dense, qgemm_source, qgemm_table
 from .qgemv import Launch
 
 DTYPES = (mx.float16, mx.bfloat16)
@@ -112,11 +113,14 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     return kernel(**launch(backend, x, weight, bias, residual, tile_shape).arguments())[0]
 
 
-def routed(backend: str | None, x: mx.array, weight: QuantizedWeight) -> bool:
-    """Whether `ops.linear` should run this product through the kernel: a GPU backend, a shape the
-    kernel handles, and the measured table (or FOUNDRY_QGEMM) saying it wins."""
-    if backend is None or not supported(x, weight):
-        return False
+def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:
+    """How `ops.linear` should run this product: "kernel" (ours), "dense" (kernels/qgemm_dense.py)
+    or "mlx" (`quantized_matmul`). Only with a GPU kernel backend active, and only a route that
+    handles this input: the measured table (or FOUNDRY_QGEMM) picks among them."""
+    if backend is None:
+        return "mlx"
     n, k = weight.shape
     m = x.size // k
-    return qgemm_table.use_kernel(backend, m, n, k, weight.bits, weight.group_size)
+    choice = qgemm_table.route(backend, m, n, k, weight.bits, weight.group_size)
+    handles = {"kernel": supported, "dense": qgemm_dense.supported}.get(choice)
+    return choice if handles is not None and handles(x, weight) else "mlx"
