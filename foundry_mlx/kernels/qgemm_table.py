@@ -25,7 +25,23 @@ ROUTES = ("mlx", "kernel", "dense")
 SWITCH = {"0": "mlx", "1": "kernel", "dense": "dense"}
 
 # (backend, M bucket, N, K, bits, group size) → the route that measured faster than MLX by >= 5%.
-MEASURED: dict[tuple[str, int, int, int, int, int], str] = {}
+MEASURED: dict[tuple[str, int, int, int, int, int], str] = {
+    # NVIDIA H200, mlx 0.32.4, kernel at commit 1eb91fa: benchmarks/results/h200-qgemm.json (committed
+    # in 93b9363), float16 x, timed on the tile `qgemm.tile` picks now (128x128 for all of these; at
+    # M=128 and 512 that is the file's tile_128x128_us column). Qwen2.5-7B matrices; every 0.5B
+    # shape and M=16 lost to MLX. MLX/ours per entry; dense is not measured yet.
+    ("cuda", 128, 37888, 3584, 4, 64): "kernel",   # gate_up 1.07x
+    ("cuda", 512, 37888, 3584, 4, 64): "kernel",   # gate_up 1.17x
+    ("cuda", 2048, 37888, 3584, 4, 64): "kernel",  # gate_up 1.20x
+    ("cuda", 128, 3584, 18944, 4, 64): "kernel",   # down 1.13x
+    ("cuda", 512, 3584, 18944, 4, 64): "kernel",   # down 1.22x
+    ("cuda", 2048, 3584, 18944, 4, 64): "kernel",  # down 1.22x
+    ("cuda", 2048, 4608, 3584, 4, 64): "kernel",   # qkv 1.18x (1.04x at M=512: under 5%)
+    ("cuda", 2048, 3584, 3584, 4, 64): "kernel",   # o_proj 1.09x
+    ("cuda", 128, 152064, 3584, 4, 64): "kernel",  # lm_head 1.16x
+    ("cuda", 512, 152064, 3584, 4, 64): "kernel",  # lm_head 1.20x
+    ("cuda", 2048, 152064, 3584, 4, 64): "kernel", # lm_head 1.20x
+}
 
 
 def m_bucket(m: int) -> int:

@@ -35,6 +35,13 @@ def test_measured_entries_name_a_route_and_a_real_shape():
         assert n > 0 and k % group == 0 and bits in qgemm.BITS
 
 
+def test_the_measured_table_is_the_default(monkeypatch):
+    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
+    assert qgemm_table.MEASURED, "the H200 measurements (benchmarks/results/h200-qgemm.json) found kernel wins"
+    for key, route in qgemm_table.MEASURED.items():
+        assert qgemm_table.route(*key) == route
+
+
 def test_each_route_serves_its_bucket_only(monkeypatch):
     monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
     dense_key = ("cuda", 2048, 4608, 3584, 4, 64)
