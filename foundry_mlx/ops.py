@@ -5,7 +5,9 @@ Models call only these functions. Each has a reference implementation in plain `
 `fast.scaled_dot_product_attention`); that is the CPU path and the oracle for the kernels. When a
 custom-kernel backend is active (`kernels.backend()`), single-token decode steps are routed to
 its kernels instead. Prefill's quantized products stay on MLX's `quantized_matmul` except for
-the shapes where kernels/qgemm_table.py records that our quantized GEMM measured faster.
+the shapes where kernels/qgemm_table.py records that another route measured faster: our
+quantized GEMM (kernels/qgemm.py) or, at large M, dequantize-then-dense-matmul
+(kernels/qgemm_dense.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import kernels
-from .kernels import qgemm
+from .kernels import qgemm, qgemm_dense
 from .layers import Linear, RoPE
 
 
@@ -30,9 +32,13 @@ def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.a
     if layer.bits is not None and x.ndim > 1 and x.size > x.shape[-1]:
         backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
         weight = layer.quantized
-        if qgemm.routed(backend, x, weight):
+        route = qgemm.route(backend, x, weight)
+        if route != "mlx":
             bias = layer.bias if "bias" in layer else None
-            y = qgemm.run(backend, x, weight, bias=bias, residual=residual)
+            if route == "kernel":
+                y = qgemm.run(backend, x, weight, bias=bias, residual=residual)
+            else:
+                y = qgemm_dense.run(x, weight, bias=bias, residual=residual)
             return y.reshape(*x.shape[:-1], y.shape[-1])
     y = layer.matmul(x)
     if "bias" in layer:

@@ -10,7 +10,8 @@ the source is in kernels/qgemm_source.py. The optional epilogue adds the layer's
 residual stream, as `ops.linear` would after MLX's `quantized_matmul`.
 
 Whether prefill uses it is decided per shape by measurements (kernels/qgemm_table.py): MLX's own
-`quantized_matmul` stays the default wherever nothing says the kernel wins.
+`quantized_matmul` stays the default wherever nothing says the kernel (or the dense route,
+kernels/qgemm_dense.py) wins.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from . import qgemm_source, qgemm_table
+from . import qgemm_dense, qgemm_source, qgemm_table
 from .qgemv import Launch
 
 DTYPES = (mx.float16, mx.bfloat16)
@@ -37,13 +38,20 @@ METAL_TILE = (64, 64, 2, 2)  # 4 SIMD-groups of 32x32; float tiles of 2x64x36 fi
 
 
 def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
-    """The tile for one launch. CUDA: the smallest tile that covers M for tiny M; 128x128 when that
-    still gives two waves of threadgroups on an H200's 132 SMs, else 64x128 (mid M, narrow N)."""
+    """The tile for one launch. CUDA: the smallest tile that covers M for M <= 32; above that 128x128
+    unless it leaves fewer than 16 threadgroups for the 132 SMs, then 64x128.
+
+    Measured on an H200 (benchmarks/results/h200-qgemm.json, kernel at commit 1eb91fa, file
+    committed in 93b9363): 128x128 beat 64x128 at 29 of the 30 points with M >= 128 (Qwen2.5 7B
+    and 0.5B matrices), by 10-25% on the 7B ones (7B down at M=512: 376 against 468 µs); the one
+    loss is 0.5B qkv at M=128 (9 threadgroups: 19.1 against 18.1 µs), hence the floor. The floor
+    also sends 0.5B o and down at M=128 (7 threadgroups) to 64x128, 3-5% slower there; MLX's
+    quantized_matmul is twice as fast as either on those shapes, so the table never routes them."""
     if backend == "metal":
         return METAL_TILE
     if m <= 32:
         return CUDA_TILES["16x128" if m <= 16 else "32x128"]
-    if -(-m // 128) * -(-n // 128) >= 264:
+    if -(-m // 128) * -(-n // 128) >= 16:
         return CUDA_TILES["128x128"]
     return CUDA_TILES["64x128"]
 
@@ -105,11 +113,14 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     return kernel(**launch(backend, x, weight, bias, residual, tile_shape).arguments())[0]
 
 
-def routed(backend: str | None, x: mx.array, weight: QuantizedWeight) -> bool:
-    """Whether `ops.linear` should run this product through the kernel: a GPU backend, a shape the
-    kernel handles, and the measured table (or FOUNDRY_QGEMM) saying it wins."""
-    if backend is None or not supported(x, weight):
-        return False
+def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:
+    """How `ops.linear` should run this product: "kernel" (ours), "dense" (kernels/qgemm_dense.py)
+    or "mlx" (`quantized_matmul`). Only with a GPU kernel backend active, and only a route that
+    handles this input: the measured table (or FOUNDRY_QGEMM) picks among them."""
+    if backend is None:
+        return "mlx"
     n, k = weight.shape
     m = x.size // k
-    return qgemm_table.use_kernel(backend, m, n, k, weight.bits, weight.group_size)
+    choice = qgemm_table.route(backend, m, n, k, weight.bits, weight.group_size)
+    handles = {"kernel": supported, "dense": qgemm_dense.supported}.get(choice)
+    return choice if handles is not None and handles(x, weight) else "mlx"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from foundry_mlx import kernels
-from foundry_mlx.kernels import qgemm
+from foundry_mlx.kernels import qgemm, qgemm_dense
 
 from .qgemm_cases import Case, compare, make_inputs, oracle
 
@@ -54,26 +54,29 @@ def test_gpu_gemm_matches_reference(backend, case):
     compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
 
 
-def test_prefill_logits_with_the_kernel_match_the_reference(monkeypatch):
+@pytest.mark.parametrize("switch, module", [("1", qgemm), ("dense", qgemm_dense)], ids=["kernel", "dense"])
+def test_prefill_logits_through_each_route_match_mlx(monkeypatch, switch, module):
     """A random model of Qwen2.5-0.5B's shape (4-bit, groups of 64): prefill logits of 100 tokens
-    with FOUNDRY_QGEMM=1 (every quantized product through the kernel) vs MLX's quantized_matmul.
-    Both round to float16 after every product and differ only in accumulation order and where
-    rounding happens; over 24 layers that stays within 2% of the logits' scale (the decode
-    kernels' bound in tests/kernels/test_kernels_gpu.py)."""
+    with every quantized product forced through one route (FOUNDRY_QGEMM=1: our kernel; =dense:
+    dequantize + dense matmul) vs MLX's quantized_matmul (FOUNDRY_QGEMM=0). All round to float16
+    after every product and differ only in accumulation order and where rounding happens; over 24
+    layers that stays within 2% of the logits' scale (the decode kernels' bound in
+    tests/kernels/test_kernels_gpu.py). The route's `run` is counted so a routing slip that
+    silently falls back to MLX fails."""
     from foundry_mlx.random_model import make_random_model
 
     model, _ = make_random_model("qwen2.5-0.5b", "4bit", mx.float16, seed=4)
     prompt = mx.array([[(37 * i + 11) % 151000 for i in range(100)]])
     calls = []
-    original = qgemm.run
-    monkeypatch.setattr(qgemm, "run", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    original = module.run
+    monkeypatch.setattr(module, "run", lambda *args, **kw: calls.append(1) or original(*args, **kw))
     logits = {}
-    for switch in ("0", "1"):
-        monkeypatch.setenv("FOUNDRY_QGEMM", switch)
-        logits[switch] = np.array(model(prompt)[0].astype(mx.float32))
+    for value in ("0", switch):
+        monkeypatch.setenv("FOUNDRY_QGEMM", value)
+        logits[value] = np.array(model(prompt)[0].astype(mx.float32))
     # per layer: QKV, o_proj, gate/up, down; then the LM head
     assert len(calls) == 4 * model.config.num_hidden_layers + 1
-    reference, ours = logits["0"], logits["1"]
+    reference, ours = logits["0"], logits[switch]
     scale = np.abs(reference).max()
     assert np.isfinite(ours).all()
     error = np.abs(ours - reference).max() / scale

@@ -10,7 +10,7 @@ import pytest
 
 from foundry_mlx import kernels, ops
 from foundry_mlx.errors import FoundryError
-from foundry_mlx.kernels import qgemm, qgemm_source, qgemm_table
+from foundry_mlx.kernels import qgemm, qgemm_dense, qgemm_source, qgemm_table
 from foundry_mlx.layers import Linear
 from foundry_mlx.quant import QuantizedWeight
 
@@ -20,22 +20,40 @@ from .qgemm_cases import Case, make_inputs
 KEY = ("cuda", 512, 4608, 3584, 4, 64)
 
 
-def test_default_is_mlx_everywhere(monkeypatch):
+def test_unmeasured_shapes_stay_on_mlx(monkeypatch):
     monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
-    assert qgemm_table.MEASURED == {}, "entries need a measurement beside them (benchmarks/qgemm_bench.py)"
     for m in (16, 100, 512, 2048, 4096):
-        assert not qgemm_table.use_kernel("cuda", m, 4608, 3584, 4, 64)
+        assert qgemm_table.route("cuda", m, 1000, 3584, 4, 64) == "mlx"
+        assert qgemm_table.route("cuda", m, 4608, 3584, 4, 64, table={}) == "mlx"
 
 
-def test_a_measured_win_routes_its_bucket_only(monkeypatch):
+def test_measured_entries_name_a_route_and_a_real_shape():
+    """Every entry is "kernel" or "dense" (absent is MLX) for a bucket the benchmark measures."""
+    for (backend, bucket, n, k, bits, group), route in qgemm_table.MEASURED.items():
+        assert backend in ("cuda", "metal") and bucket in qgemm_table.M_BUCKETS
+        assert route in ("kernel", "dense"), f"{route!r}: MLX is the absence of an entry"
+        assert n > 0 and k % group == 0 and bits in qgemm.BITS
+
+
+def test_the_measured_table_is_the_default(monkeypatch):
     monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
-    table = {KEY: True}
-    assert qgemm_table.use_kernel("cuda", 512, 4608, 3584, 4, 64, table)
-    assert qgemm_table.use_kernel("cuda", 400, 4608, 3584, 4, 64, table)  # nearest measured M is 512
-    assert not qgemm_table.use_kernel("cuda", 2048, 4608, 3584, 4, 64, table)
-    assert not qgemm_table.use_kernel("metal", 512, 4608, 3584, 4, 64, table)
-    assert not qgemm_table.use_kernel("cuda", 512, 4608, 3584, 8, 64, table)
-    assert not qgemm_table.use_kernel("cuda", 4, 4608, 3584, 4, 64, {("cuda", 16, 4608, 3584, 4, 64): True})
+    assert qgemm_table.MEASURED, "the H200 measurements (benchmarks/results/h200-qgemm.json) found kernel wins"
+    for key, route in qgemm_table.MEASURED.items():
+        assert qgemm_table.route(*key) == route
+
+
+def test_each_route_serves_its_bucket_only(monkeypatch):
+    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
+    dense_key = ("cuda", 2048, 4608, 3584, 4, 64)
+    table = {KEY: "kernel", dense_key: "dense"}
+    assert qgemm_table.route("cuda", 512, 4608, 3584, 4, 64, table) == "kernel"
+    assert qgemm_table.route("cuda", 400, 4608, 3584, 4, 64, table) == "kernel"  # nearest measured M is 512
+    assert qgemm_table.route("cuda", 2048, 4608, 3584, 4, 64, table) == "dense"
+    assert qgemm_table.route("cuda", 4096, 4608, 3584, 4, 64, table) == "dense"
+    assert qgemm_table.route("cuda", 128, 4608, 3584, 4, 64, table) == "mlx"
+    assert qgemm_table.route("metal", 512, 4608, 3584, 4, 64, table) == "mlx"
+    assert qgemm_table.route("cuda", 512, 4608, 3584, 8, 64, table) == "mlx"
+    assert qgemm_table.route("cuda", 4, 4608, 3584, 4, 64, {("cuda", 16, 4608, 3584, 4, 64): "dense"}) == "mlx"
 
 
 def test_buckets():
@@ -43,23 +61,40 @@ def test_buckets():
         [16, 16, 16, 128, 128, 512, 512, 2048, 2048]
 
 
-def test_switch(monkeypatch):
-    monkeypatch.setenv("FOUNDRY_QGEMM", "1")
-    assert qgemm_table.use_kernel("cuda", 100, 10, 32, 4, 32)
-    assert not qgemm_table.use_kernel("cuda", 1, 10, 32, 4, 32)
-    monkeypatch.setenv("FOUNDRY_QGEMM", "0")
-    assert not qgemm_table.use_kernel(*KEY, table={KEY: True})
-    monkeypatch.setenv("FOUNDRY_QGEMM", "yes")
-    with pytest.raises(FoundryError, match="FOUNDRY_QGEMM"):
-        qgemm_table.use_kernel(*KEY)
+@pytest.mark.parametrize("value, forced", [("1", "kernel"), ("dense", "dense"), ("0", "mlx")])
+def test_switch_forces_a_route_over_the_table(monkeypatch, value, forced):
+    monkeypatch.setenv("FOUNDRY_QGEMM", value)
+    assert qgemm_table.route("cuda", 100, 10, 32, 4, 32) == forced
+    assert qgemm_table.route(*KEY, table={KEY: "kernel" if forced != "kernel" else "dense"}) == forced
+    assert qgemm_table.route("cuda", 1, 10, 32, 4, 32) == "mlx"  # one row is decode's
+
+
+@pytest.mark.parametrize("value", ["", "auto"])
+def test_switch_auto_uses_the_table(monkeypatch, value):
+    monkeypatch.setenv("FOUNDRY_QGEMM", value)
+    assert qgemm_table.route(*KEY, table={KEY: "dense"}) == "dense"
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "Dense", "kernel"])
+def test_switch_rejects_other_values(monkeypatch, value):
+    monkeypatch.setenv("FOUNDRY_QGEMM", value)
+    with pytest.raises(FoundryError, match="FOUNDRY_QGEMM") as error:
+        qgemm_table.route(*KEY)
+    assert str(error.value).count(".") == 1 and "\n" not in str(error.value)  # one sentence
 
 
 def test_no_gpu_backend_means_mlx(monkeypatch):
-    monkeypatch.setenv("FOUNDRY_QGEMM", "1")
     inputs = make_inputs(Case(20, 72, 128, group=32))
-    assert not qgemm.routed(None, inputs["x"], inputs["weight"])
-    assert qgemm.routed("cuda", inputs["x"], inputs["weight"])
-    assert not qgemm.routed("cuda", inputs["x"].astype(mx.float32), inputs["weight"])
+    x, weight = inputs["x"], inputs["weight"]
+    for value in ("1", "dense"):
+        monkeypatch.setenv("FOUNDRY_QGEMM", value)
+        assert qgemm.route(None, x, weight) == "mlx"
+    monkeypatch.setenv("FOUNDRY_QGEMM", "1")
+    assert qgemm.route("cuda", x, weight) == "kernel"
+    assert qgemm.route("cuda", x.astype(mx.float32), weight) == "mlx"  # the kernel needs T = the scales' dtype
+    monkeypatch.setenv("FOUNDRY_QGEMM", "dense")
+    assert qgemm.route("cuda", x, weight) == "dense"
+    assert qgemm.route("cuda", x.astype(mx.float32), weight) == "dense"  # dense handles any float x
 
 
 def test_ops_linear_routes_through_the_kernel(monkeypatch):
@@ -80,6 +115,7 @@ def test_ops_linear_routes_through_the_kernel(monkeypatch):
 
     monkeypatch.setattr(kernels, "active", lambda: SimpleNamespace(backend="metal"))
     monkeypatch.setattr(qgemm, "run", simulated)
+    monkeypatch.setattr(qgemm_dense, "run", lambda *args, **kw: calls.append("dense"))
     monkeypatch.setenv("FOUNDRY_QGEMM", "1")
     ours = ops.linear(x, layer, residual=residual)
     assert calls == ["metal"] and ours.shape == (1, 20, 72)
@@ -89,4 +125,40 @@ def test_ops_linear_routes_through_the_kernel(monkeypatch):
     reference = ops.linear(x.astype(mx.float32), up, residual=residual.astype(mx.float32))
     assert calls == ["metal"]
     error = np.abs(np.array(ours.astype(mx.float32)) - np.array(reference)).max() / np.abs(np.array(reference)).max()
+    assert error < 4 * 2**-10, f"relative error {error:.3g}"
+
+
+def test_cuda_tile_follows_the_h200_measurements():
+    """kernels/qgemm.py's tile rule: the M-sized tiles up to 32 rows, then 128x128 unless it leaves
+    fewer than 16 threadgroups (0.5B qkv at M=128 measured faster on 64x128)."""
+    def name(m, n):
+        return "x".join(map(str, qgemm.tile("cuda", m, n)[:2]))
+    assert [name(m, 4608) for m in (1, 16, 17, 32)] == ["16x128", "16x128", "32x128", "32x128"]
+    assert name(128, 4608) == name(512, 3584) == name(33, 37888) == "128x128"  # 36, 112, 296 groups
+    assert name(128, 1152) == name(128, 896) == "64x128"  # 9 and 7 threadgroups of 128x128
+    assert name(2048, 896) == "128x128"
+    assert qgemm.tile("metal", 2048, 4608) == qgemm.METAL_TILE
+
+
+def test_ops_linear_takes_the_dense_route_where_the_table_says_dense(monkeypatch):
+    """A table entry "dense" for the shape's bucket sends `ops.linear` (with a GPU backend active) to
+    kernels/qgemm_dense.py with the layer's bias and the residual, never to the kernel; a shape in
+    another bucket stays on MLX. Both agree with MLX's quantized_matmul path."""
+    inputs = make_inputs(Case(100, 72, 128, group=32))
+    layer = Linear(inputs["weight"], bias=mx.linspace(-1, 1, 72).astype(mx.float16))
+    x = inputs["x"].reshape(2, 50, 128)
+    residual = mx.random.normal((2, 50, 72), key=mx.random.key(1)).astype(mx.float16)
+    calls = []
+    dense = qgemm_dense.run
+    monkeypatch.setattr(qgemm_dense, "run", lambda *args, **kw: calls.append("dense") or dense(*args, **kw))
+    monkeypatch.setattr(qgemm, "run", lambda *args, **kw: calls.append("kernel"))
+    monkeypatch.setattr(kernels, "active", lambda: SimpleNamespace(backend="cuda"))
+    monkeypatch.setattr(qgemm_table, "MEASURED", {("cuda", 128, 72, 128, 4, 32): "dense"})
+    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
+    ours = ops.linear(x, layer, residual=residual)
+    assert calls == ["dense"] and ours.shape == (2, 50, 72) and ours.dtype == mx.float16
+    ops.linear(x[:, :4], layer, residual=residual[:, :4])  # 8 rows: bucket 16, not in the table
+    assert calls == ["dense"]
+    expected = residual + layer.matmul(x) + layer.bias
+    error = np.abs(np.array(ours - expected, dtype=np.float32)).max() / np.abs(np.array(expected, dtype=np.float32)).max()
     assert error < 4 * 2**-10, f"relative error {error:.3g}"
