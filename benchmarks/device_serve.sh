@@ -36,7 +36,7 @@ health | tee "$OUT/health-before.json"
 # server, which a client still running would see as "connection refused".
 python3 - $URL <<'PY' > "$OUT/first-request.txt" 2>&1 || { cat "$OUT/first-request.txt"; tail -60 "$OUT/server.log"; exit 7; }
 import json, sys, urllib.request
-body = json.dumps({"model": "m", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}).encode()
+body = json.dumps({"model": json.load(urllib.request.urlopen(sys.argv[1] + "/v1/models"))["data"][0]["id"], "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}).encode()
 request = urllib.request.Request(sys.argv[1] + "/v1/completions", body, {"Content-Type": "application/json"})
 print(urllib.request.urlopen(request, timeout=300).read().decode())
 PY
