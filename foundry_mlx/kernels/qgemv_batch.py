@@ -48,15 +48,32 @@ _ROW_INDICES = (
 )
 
 
-def _batched_epilogue(variant: qgemv.Variant) -> str:
+def _batched_epilogue(variant: qgemv.Variant, picked: bool = False) -> str:
+    """qgemv's epilogue for row `item`: with `picked`, the sums come from `mine` (this lane's item,
+    chosen from acc by `_PICK`), else from acc directly."""
     text = qgemv._epilogue(variant)
     used = 0
     for old, new in _ROW_INDICES:
+        if picked and old.startswith("acc["):
+            new = old.replace("acc[", "mine[")
         used += old in text
         text = text.replace(old, new)
     if used == 0 or "acc[u" in text.replace("acc[u * BATCH", "").replace("acc[(u", ""):
         raise AssertionError(f"qgemv's epilogue for {variant.name} has indices the batched form does not know")
     return text
+
+
+# Lane `item` takes row item's SLOTS sums out of acc (every lane holds all of them after SIMD_SUM)
+# by a chain of selects, so that acc keeps compile-time indices (registers, not local memory).
+_PICK = """
+    float mine[SLOTS];
+#pragma unroll
+    for (int r = 0; r < SLOTS; ++r) {
+      float v = acc[r * BATCH];
+#pragma unroll
+      for (int i = 1; i < BATCH; ++i) v = ((int)lane == i) ? acc[r * BATCH + i] : v;
+      mine[r] = v;
+    }"""
 
 
 def body(variant: qgemv.Variant, eps: float | None = None) -> str:
@@ -180,7 +197,18 @@ def body(variant: qgemv.Variant, eps: float | None = None) -> str:
       acc[r] = sum;
     }}
   }}
-  if (warp_k == 0 && lane == 0) {{
+  // The epilogue (bias, RoPE and the KV write, SwiGLU, residual) of row b runs on lane b, all B
+  // rows at once; one lane running all B of them in turn was a serial tail as long as the dot
+  // products themselves at B = 8. Past 32 rows (a lane each), lane 0 runs them in turn.
+  if (BATCH <= 32) {{
+    if (warp_k == 0 && (int)lane < BATCH) {{{_PICK}
+      const int item = (int)lane;
+      for (int u = 0; u < ROWS; ++u) {{
+        const int unit = first_unit + u;
+        if (unit >= UNITS) break;{_batched_epilogue(variant, picked=True)}
+      }}
+    }}
+  }} else if (warp_k == 0 && lane == 0) {{
     for (int u = 0; u < ROWS; ++u) {{
       const int unit = first_unit + u;
       if (unit >= UNITS) break;
