@@ -88,16 +88,10 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
 
 def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
               residual: mx.array | None = None) -> mx.array:
-    """The twin in plain `mlx` ops: dequantize, then a dense matmul; (M, N) like the kernel."""
-    n, k = weight.shape
-    dense = mx.dequantize(weight.weight, weight.scales, weight.biases, group_size=weight.group_size,
-                          bits=weight.bits)
-    y = x.reshape(-1, k) @ dense.T
-    if bias is not None:
-        y = y + bias
-    if residual is not None:
-        y = residual.reshape(-1, n) + y
-    return y
+    """The twin in plain `mlx` ops, (M, N) like the kernel: dequantize, then a dense matmul, which
+    is the dense route itself (kernels/qgemm_dense.py; the kernel needs x's dtype for the scales,
+    so dequantizing to x's dtype is dequantizing to the scales')."""
+    return qgemm_dense.run(x, weight, bias, residual)
 
 
 _kernels: dict[tuple[str, bool, bool], object] = {}
