@@ -5,6 +5,8 @@ and 3 more for any B; the server's scheduler decodes through it and matches each
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import pytest
 from test_batch import assert_follow_ups_reuse_the_prompt_cache, run_all
@@ -194,6 +196,30 @@ def test_scheduler_decodes_through_the_fused_batch_and_matches_alone(engine):
         request = requests[index]
         assert together[index] == fm.generate(model, tokenizer, request.ids, max_tokens=request.max_tokens,
                                               sampling=request.sampling, ignore_eos=True)
+
+
+def test_requests_that_arrive_together_start_together(engine, monkeypatch):
+    """Four requests waiting at once are prefilled in one turn and join with one relayout, straight
+    to four slots (joined one per turn, the batch was relaid out at 1, 2 and 4 slots, each a new
+    step shape, with a drain of the steps queued ahead before every join)."""
+    model, tokenizer = engine
+    decoder = BatchedFusedDecoder(model, fused_batch.BatchedReferenceKernels())
+    layouts = []
+    relayout = decoder._relayout
+    monkeypatch.setattr(decoder, "_relayout", lambda slots, dtype: layouts.append(slots) or relayout(slots, dtype))
+    scheduler = Scheduler(model, tokenizer, max_batch=4, prompt_cache=None, fused=decoder)
+    requests = [GenerationRequest(tokenizer.encode(p), 5 + i, ignore_eos=True)
+                for i, p in enumerate(("hello", "a cat", "we are", "the mat"))]
+    done = threading.Semaphore(0)
+    for request in requests:
+        scheduler.submit(request, lambda event: event.finish_reason is not None and done.release())
+    scheduler.start()  # after the submissions: the first turn sees all four
+    try:
+        assert all(done.acquire(timeout=120) for _ in requests)
+    finally:
+        scheduler.stop()
+    assert layouts[0] == 4 and all(slots < 4 for slots in layouts[1:]), layouts
+    assert scheduler.max_rows_seen == 4
 
 
 def test_fused_batch_rows_go_to_the_prompt_cache_intact(engine):

@@ -82,6 +82,14 @@ class BatchedFusedDecoder:
         self.positions[slot] = position
         mx.eval(self.state, self.params, self.recent, self.keys, self.values)
 
+    def make_room(self, joining: int, dtype: mx.Dtype, positions: int = 0) -> None:
+        """Room for `joining` more sequences, each up to `positions`, in one relayout and one grow:
+        joined one by one, 8 arrivals relaid the buffers out at 2, 4 and 8 slots (each a new step
+        shape to trace) and grew them once per longer reply."""
+        if joining > self.rows.count(None):
+            self._relayout(1 << (len(self.members) + joining - 1).bit_length(), dtype)
+        self._reserve(positions)
+
     def leave(self, owner, length: int | None = None) -> list[KVCache] | None:
         """Let `owner` go; with `length`, its first `length` positions come back as its own caches."""
         slot = self.rows.index(owner)

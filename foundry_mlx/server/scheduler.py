@@ -6,7 +6,9 @@ Each turn of the loop, between model steps:
    once (`QueueFull`, which the HTTP layer answers with 503 and Retry-After) rather than hanging;
 2. one sequence that still has prompt left prefills one chunk (`prefill_chunk` tokens), its KV
    prefix taken from the prompt cache where an earlier request shared it, so a long prompt never
-   stalls the others' decoding for more than a chunk;
+   stalls the others' decoding for more than a chunk (the fused batch below prefills several
+   sequences' prompts per turn, up to `prefill_chunk` tokens in all, so that requests arriving
+   together join it together);
 3. every decoding sequence advances one token in **one** model call: a sequence alone keeps the
    single-sequence path (the compiled decode step, custom kernels on a GPU); two or more are
    merged into a left-padded batched KV cache (`engine.batch`) and run as one (B, 1) step.
@@ -193,20 +195,21 @@ class Scheduler:
             if sequence.finished and sequence.cache is not None and sequence not in self._batch_rows:
                 self._retire(sequence)
 
-    def _prefill(self, sequence: LiveSequence) -> None:
+    def _prefill(self, sequence: LiveSequence, limit: int | None = None) -> int:
+        """One chunk of `sequence`'s prompt (at most `limit` tokens); returns its length."""
         if not sequence.started:
             hit = self.prompt_cache.lookup(sequence.request.ids, self.model) if self.prompt_cache else None
             cache, cached = hit if hit is not None else (self.model.make_cache(), 0)
             sequence.start(cache, sequence.request.ids[:cached])
-        chunk = sequence.prompt_left[: self.prefill_chunk]
+        chunk = sequence.prompt_left[: min(self.prefill_chunk, limit or self.prefill_chunk)]
         logits = self.model(mx.array(chunk)[None], sequence.cache, last_only=True)[:, -1, :]
         sequence.tokens.extend(chunk)
         if sequence.prompt_left:
             mx.eval([[c.keys, c.values] for c in sequence.cache])
-            return
+            return len(chunk)
         token = sequence.sample(logits)
-        mx.eval(token)
-        sequence.accept(token.item())
+        sequence.accept(_read(token)[0])
+        return len(chunk)
 
     def _sync_batch(self, decoding: list[LiveSequence]) -> None:
         """Give the rows of a batch whose membership changed their own caches back."""
@@ -273,18 +276,25 @@ class Scheduler:
 
     def _fused_turn(self, live: list[LiveSequence]) -> None:
         clock = time.perf_counter()
-        prefilling = next((s for s in live if not s.started or s.prompt_left), None)
-        if prefilling is not None:
-            self._prefill(prefilling)
+        # Prompts up to `prefill_chunk` tokens in all per turn (at least one chunk): requests that
+        # arrive together start together, and join the batch with one drain and one relayout.
+        budget = self.prefill_chunk
+        for sequence in [s for s in live if not s.started or s.prompt_left]:
+            if budget <= 0:
+                break
+            budget -= self._prefill(sequence, budget)
         clock = self._count("prefill", clock)
         decoding = [s for s in live if s.decoding]
         members = self.fused.members
         if any(s not in members for s in decoding) or any(s not in decoding for s in members):
             self._drain()
             self._leave_finished()
-            for sequence in live:
-                if sequence.decoding and sequence not in self.fused.members:
-                    self._join(sequence)
+            joining = [s for s in decoding if s not in self.fused.members]
+            if joining:
+                self.fused.make_room(len(joining), joining[0].cache[0].keys.dtype,
+                                     max(s.cache[0].offset + self._room(s) for s in joining))
+            for sequence in joining:
+                self._join(sequence)
         clock = self._count("membership", clock)
         if self.fused.members:
             self._fused_step()
@@ -296,11 +306,15 @@ class Scheduler:
     def _join(self, sequence: LiveSequence) -> None:
         sampling = sequence.request.sampling
         seed = sampling.seed if sampling.seed is not None else _fresh_seed()
-        room = min(sequence.request.max_tokens - sequence.generated, 1024) + 2
         self.fused.join(sequence, sequence.cache, sequence.pending, sequence.tokens + [sequence.pending], sampling,
-                        seed, room)
+                        seed, self._room(sequence))
         sequence.cache = None  # the batch holds its positions now
         sequence.recent = None  # the device keeps the penalty's ring
+
+    @staticmethod
+    def _room(sequence: LiveSequence) -> int:
+        """Positions a joining sequence reserves past its current one: the rest of its reply (to 1024)."""
+        return min(sequence.request.max_tokens - sequence.generated, 1024) + 2
 
     def _fused_step(self) -> None:
         members = self.fused.members
