@@ -42,15 +42,27 @@ def main() -> None:
         return response["choices"][0]["text"], response["usage"]["completion_tokens"]
 
     sequential_times, concurrent_times = [], []
+    engine = {"one after another": {}, "concurrently": {}}  # the server's engine seconds by kind
+
+    def timed(mode, run):
+        seconds = httpx.get(f"{args.url}/health").json().get("engine_seconds", {})
+        start = time.perf_counter()
+        result = run()
+        elapsed = time.perf_counter() - start
+        for kind, value in httpx.get(f"{args.url}/health").json().get("engine_seconds", {}).items():
+            engine[mode][kind] = engine[mode].get(kind, 0.0) + value - seconds.get(kind, 0.0)
+        return result, elapsed
+
+    def together_run():
+        with ThreadPoolExecutor(args.clients) as pool:
+            return list(pool.map(ask, jobs))
+
     before = httpx.get(f"{args.url}/health").json()
     for _ in range(args.trials):  # alternating, so that a busy spell on a shared machine hits both
-        start = time.perf_counter()
-        alone = [ask(job) for job in jobs]
-        sequential_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            together = list(pool.map(ask, jobs))
-        concurrent_times.append(time.perf_counter() - start)
+        alone, elapsed = timed("one after another", lambda: [ask(job) for job in jobs])
+        sequential_times.append(elapsed)
+        together, elapsed = timed("concurrently", together_run)
+        concurrent_times.append(elapsed)
     after = httpx.get(f"{args.url}/health").json()
     sequential, concurrent = statistics.median(sequential_times), statistics.median(concurrent_times)
     tokens = sum(count for _, count in alone)
@@ -62,6 +74,10 @@ def main() -> None:
     print(f"concurrently:      {concurrent:.1f} s, {tokens / concurrent:.2f} tok/s "
           f"({sequential / concurrent:.2f}x; largest batch {after['largest_batch']}, "
           f"{after['batched_steps'] - before['batched_steps']} batched steps)")
+    for mode, seconds in engine.items():
+        if seconds:
+            split = ", ".join(f"{kind} {value / args.trials:.3f} s" for kind, value in seconds.items())
+            print(f"engine time per trial, {mode}: {split}")
     same = sum(a[0] == b[0] for a, b in zip(alone, together))
     print(f"concurrent answers equal to the same request alone: {same}/{args.clients}")
     for (prompt, _), a, b in zip(jobs, alone, together):
