@@ -81,6 +81,34 @@ def test_max_tokens_is_honoured_with_finish_reason_length(loaded):
     assert responses[-1].time_to_first_token > 0
 
 
+def test_the_first_token_comes_before_the_steps_queued_ahead(loaded, monkeypatch):
+    """With 8 steps queued ahead, the first token is read after queueing one: queueing all 8 first
+    delayed it by their host time while the device ran them (inflating the measured decode rate
+    too). From the second token on, the queue fills to 8, and the tokens are the same."""
+    from foundry_mlx.engine import generate as generation
+
+    model, tokenizer = loaded
+    calls = []
+    make = generation._runner
+
+    def runner(*args):
+        made = make(*args)
+        made.ahead = 8
+        advance = made.advance
+        made.advance = lambda token: calls.append(1) or advance(token)
+        return made
+
+    expected = [r.token for r in run(loaded, max_tokens=20, ignore_eos=True)]
+    monkeypatch.setattr(generation, "_runner", runner)
+    stream = stream_generate(model, tokenizer, PROMPT, max_tokens=20, ignore_eos=True)
+    tokens = [next(stream).token]
+    assert len(calls) == 1
+    tokens.append(next(stream).token)
+    assert len(calls) == 9
+    tokens += [r.token for r in stream]
+    assert tokens == expected and len(calls) == 19
+
+
 def test_max_tokens_one(loaded):
     responses = run(loaded, max_tokens=1)
     assert len(responses) == 1 and responses[0].finish_reason == "length"
