@@ -3,7 +3,7 @@
 # engine/prefill.py) in one call.
 #   REVISION=<commit> bash benchmarks/device_prefill_compile.sh
 # The compiled prefill's GPU test (TESTS=0 skips it), then `foundry-mlx bench` prefill of
-# random-weight models of the real shapes at PROMPTS (default 128,512) for each switch value.
+# random-weight models of the real shapes at PROMPTS (default 32,128,512) for each switch value.
 # SPECS="shape quant;shape quant" (default the 0.5B and 7B 4-bit). Results: $OUT/results.tgz.
 set -o pipefail
 bash .device/b/install.sh || exit 3
@@ -22,7 +22,7 @@ for spec in "${specs[@]}"; do
   for switch in 0 1; do
     echo "== $1 $2 FOUNDRY_PREFILL_COMPILE=$switch"
     FOUNDRY_PREFILL_COMPILE=$switch timeout ${BENCH_TIMEOUT:-200} python3 -m foundry_mlx bench -m /tmp/random-$1-$2 \
-      --engines foundry --prompt-lengths ${PROMPTS:-128,512} --depths 0 --decode-tokens 8 \
+      --engines foundry --prompt-lengths ${PROMPTS:-32,128,512} --depths 0 --decode-tokens 8 \
       --out $R/h200-prefill-compile$switch-$1-$2 2>&1 | grep -v "^trial" | tail -8
   done
 done

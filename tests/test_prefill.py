@@ -12,7 +12,7 @@ from foundry_mlx import load
 from foundry_mlx.engine import prefill as prefilling
 from foundry_mlx.errors import FoundryError
 
-LENGTHS = (1, 5, 127, 128, 130)
+LENGTHS = (1, 5, 16, 17, 127, 128, 130)
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
@@ -107,6 +107,12 @@ def test_greedy_generation_is_unchanged(loaded, monkeypatch):
             monkeypatch.setenv(prefilling.SWITCH, value)
             texts[value] = foundry_mlx.generate(model, tokenizer, ids, max_tokens=12, ignore_eos=True)
         assert texts["1"] == texts["0"]
+
+
+@pytest.mark.parametrize("length, padded", [(1, 16), (16, 16), (17, 32), (100, 128), (128, 128), (129, 256),
+                                            (2048, 2048), (2049, 2176)])
+def test_buckets(length, padded):
+    assert prefilling.bucket(length) == padded
 
 
 def test_one_trace_per_bucket(loaded, switch_on):

@@ -6,9 +6,12 @@ their GEMMs: on the H200 a 128-token prefill of the 7B model takes ~30 ms, of wh
 C++, with its element-wise chains fused. Off by default until measured on the H200
 (`benchmarks/device_prefill_compile.sh`); `0` or unset runs today's eager path.
 
-A trace is made per input shape, so the prompt is padded at its end to the next multiple of
-`BUCKET` positions: one trace serves 128 prompt lengths, and the padded rows fill whole GEMM
-tiles; causal attention keeps the real positions from seeing the pads. Inside the trace the
+A trace is made per input shape, so the prompt is padded at its end to a bucket: the next
+multiple of `BUCKET` (128) positions, one trace for 128 prompt lengths with whole GEMM tiles of
+rows, at most 127 wasted rows (6% at 2048); below 128, the next power of two from 16, since
+padding a 5-token prompt to 128 rows would cost the 7B model GEMMs of ~11 ms where the 5 rows
+take weight-bandwidth time (~1-2 ms): 4 more traces bound that waste to 2x. Causal attention keeps
+the real positions from seeing the pads. Inside the trace the
 layers write a temporary cache of exactly the padded length (the caller's capacity never enters
 the shape), and the final norm and LM head run at the true last position only, given as an
 array (so the true length never enters the shape either). Outside, each layer's keys and values
@@ -34,6 +37,7 @@ from .cache import KVCache
 
 SWITCH = "FOUNDRY_PREFILL_COMPILE"
 BUCKET = 128
+SMALLEST_BUCKET = 16
 
 
 def enabled() -> bool:
@@ -45,7 +49,10 @@ def enabled() -> bool:
 
 
 def bucket(length: int) -> int:
-    """The padded length a prompt of `length` tokens is traced at."""
+    """The padded length a prompt of `length` tokens is traced at (never 1: the decode kernels'
+    single-token routes stay out of prefill traces)."""
+    if length <= BUCKET:
+        return max(SMALLEST_BUCKET, 1 << (length - 1).bit_length())
     return -(-length // BUCKET) * BUCKET
 
 
