@@ -11,6 +11,7 @@ the KV cache at that depth) times tokens per second.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -165,6 +166,9 @@ def machine_info() -> dict:
         "kernels": kernels.backend_name(),
         "foundry_mlx": __version__,
         "git_revision": _git_revision(),
+        # The engine's environment switches (FOUNDRY_PREFILL_COMPILE, FOUNDRY_QGEMM...): a result
+        # file says which paths it measured.
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FOUNDRY_") and k != "FOUNDRY_GIT_REVISION"},
     }
     try:
         import mlx_lm
@@ -184,8 +188,6 @@ def machine_info() -> dict:
 
 def _git_revision() -> str:
     """The checkout's commit (+dirty); where there is no .git (a copied tree), $FOUNDRY_GIT_REVISION."""
-    import os
-
     if os.environ.get("FOUNDRY_GIT_REVISION"):
         return os.environ["FOUNDRY_GIT_REVISION"]
     try:

@@ -151,3 +151,33 @@ def test_dtype_follows_the_keys():
     keys, values = positions(0, 3)
     out_keys, out_values = cache.update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
     assert cache.keys.dtype == mx.float16 and out_values.dtype == mx.float16
+
+
+@pytest.mark.parametrize("padded, reserve, max_size, nodes", [(128, 0, 4096, 1), (256, 0, 4096, 1),
+                                                              (128, 600, 4096, 1), (256, 0, 200, 2)])
+def test_fill_leaves_what_a_write_leaves_in_one_node_per_array(padded, reserve, max_size, nodes):
+    """`fill` from a padded prefill's keys: the offset, capacity and contents below the offset of
+    the eager write of the same positions, each array one graph node (a pad, or a contiguous copy; a cut as well where max_size is below the
+    padded length)."""
+    from foundry_mlx.engine.decoder import graph_nodes
+
+    length = 100 if padded == 128 else 150
+    keys, values = positions(0, padded)
+    mx.eval(keys, values)
+    filled, written = KVCache(max_size), KVCache(max_size)
+    for cache in (filled, written):
+        cache.reserve(reserve)
+    filled.fill(keys, values, length)
+    written.update_and_fetch(keys[..., :length, :], values[..., :length, :])
+    assert filled.offset == written.offset == length
+    assert filled.capacity == written.capacity
+    assert graph_nodes(filled.keys) == graph_nodes(filled.values) == nodes
+    np.testing.assert_array_equal(np.array(filled.keys[..., :length, :]), expected(length)[0])
+    np.testing.assert_array_equal(np.array(filled.values[..., :length, :]), expected(length)[1])
+
+
+def test_fill_needs_an_empty_cache():
+    cache = KVCache(512)
+    fill(cache, [3])
+    with pytest.raises(ValueError, match="empty"):
+        cache.fill(*positions(0, 128), 5)

@@ -38,8 +38,11 @@ class KVCache:
         if self.keys is not None and positions > self.capacity:
             self._grow(positions, self.keys, self.values)
 
+    def _size(self, positions: int) -> int:
+        return min(-(-positions // STEP) * STEP, self.max_size)
+
     def _grow(self, positions: int, like_keys: mx.array, like_values: mx.array) -> None:
-        size = min(-(-positions // STEP) * STEP, self.max_size)
+        size = self._size(positions)
         batch, kv_heads, _, k_dim = like_keys.shape
         new_keys = mx.zeros((batch, kv_heads, size, k_dim), like_keys.dtype)
         new_values = mx.zeros((batch, kv_heads, size, like_values.shape[3]), like_values.dtype)
@@ -60,6 +63,28 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def fill(self, keys: mx.array, values: mx.array, length: int) -> None:
+        """Take positions [0, length) from `keys`, `values` (1, kv_heads, ≥ length, head_dim), made
+        for this cache while it was empty (a compiled prefill over a padded prompt).
+
+        It leaves what `update_and_fetch` of those positions would have: the same offset, capacity
+        and contents below the offset, in one graph node per array (a pad, where eager writes take
+        a zeros and a slice update), since host time per node is what a short prefill costs.
+        Positions from `length` on may hold the padding's keys: nothing reads past the offset.
+        """
+        if self.offset:
+            raise ValueError("KV cache fill needs an empty cache")
+        if length > self.max_size:
+            raise ValueError(f"KV cache of {self.max_size} positions cannot take position {length - 1}")
+        if length <= self.capacity:  # a trimmed buffer with room: keep it, as a write would
+            written = min(keys.shape[2], self.capacity)
+            self.keys[..., :written, :] = keys[..., :written, :]
+            self.values[..., :written, :] = values[..., :written, :]
+        else:
+            size = self._size(max(length, self._reserved))
+            self.keys, self.values = _sized(keys, size), _sized(values, size)
+        self.offset = length
+
     def valid_length(self) -> int:
         """How many positions, from 0, hold keys (what attention reads)."""
         return self.offset
@@ -76,6 +101,15 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def _sized(array: mx.array, size: int) -> mx.array:
+    """`array` along its positions axis cut or zero-padded to `size`, row-contiguous (the decode
+    kernels write the cache in place and assume that layout)."""
+    extra = size - array.shape[2]
+    if extra > 0:
+        return mx.pad(array, [(0, 0), (0, 0), (0, extra), (0, 0)])
+    return mx.contiguous(array[..., :size, :])
 
 
 class StepCache:

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from .. import kernels
 from .cache import KVCache, StepCache
+from .prefill import prefill
 
 
 class Decoder:
@@ -177,7 +178,7 @@ def prefilled(model, prompt: list[int], reserve: int) -> tuple[list[KVCache], mx
     cache = model.make_cache()
     for layer_cache in cache:
         layer_cache.reserve(reserve)
-    logits = model(mx.array([prompt]), cache, last_only=True)[:, -1, :]
+    logits = prefill(model, prompt, cache)
     mx.eval(logits, [c.keys for c in cache], [c.values for c in cache])
     return cache, logits
 

@@ -21,6 +21,7 @@ import mlx.core as mx
 from ..errors import ContextLengthError, FoundryError
 from .cache import KVCache
 from .decoder import decoder_for, fused_decoder_for
+from .prefill import prefill
 from .sampling import Sampler, SamplingParams, _fresh_seed
 
 PREFILL_STEP = 2048
@@ -221,7 +222,7 @@ def _prefill(model, session: Session, new_ids: list[int]) -> mx.array:
         mx.eval([c.keys for c in session.cache] + [c.values for c in session.cache])
         mx.clear_cache()
         position += PREFILL_STEP
-    logits = model(mx.array(new_ids[position:])[None], session.cache, last_only=True)[:, -1, :]
+    logits = prefill(model, new_ids[position:], session.cache)
     session.tokens.extend(new_ids)
     return logits
 

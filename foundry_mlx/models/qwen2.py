@@ -106,4 +106,9 @@ class Model(nn.Module):
         h = self.hidden(inputs, cache)
         if last_only:
             h = h[:, -1:, :]
+        return self.head(h)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits (B, L, vocab) of hidden states (B, L, hidden): the final norm and the LM head (a
+        method of its own so a compiled prefill, engine/prefill.py, can apply it at one position)."""
         return gather_norm_linear(h, self.norm_weight, self.config.rms_norm_eps, self.lm_head)

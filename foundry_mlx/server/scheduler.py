@@ -46,6 +46,7 @@ import mlx.core as mx
 from ..engine import batch as batching
 from ..engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
 from ..engine.decoder import decoder_for
+from ..engine.prefill import prefill
 from ..engine.sampling import _fresh_seed
 from .prompt_cache import PromptCache
 from .sequence import Event, GenerationRequest, LiveSequence
@@ -202,7 +203,7 @@ class Scheduler:
             cache, cached = hit if hit is not None else (self.model.make_cache(), 0)
             sequence.start(cache, sequence.request.ids[:cached])
         chunk = sequence.prompt_left[: min(self.prefill_chunk, limit or self.prefill_chunk)]
-        logits = self.model(mx.array(chunk)[None], sequence.cache, last_only=True)[:, -1, :]
+        logits = prefill(self.model, chunk, sequence.cache)
         sequence.tokens.extend(chunk)
         if sequence.prompt_left:
             mx.eval([[c.keys, c.values] for c in sequence.cache])
