@@ -88,6 +88,18 @@ def test_compact_keeps_code_directives_and_strings():
                              'const char* url = "http://example";\n')
 
 
+def test_rewritten_applies_in_turn_and_fails_loudly_when_a_pattern_is_gone():
+    """How batched and split kernel forms are derived from one body (source.rewritten)."""
+    from foundry_mlx.kernels.source import rewritten
+
+    assert rewritten("a b a", [("a", "x"), ("b", "y")]) == "x y x"
+    assert rewritten("a b", [("a", "b"), ("b b", "c")]) == "c"  # each replacement sees the last one's text
+    with pytest.raises(AssertionError, match="not once"):
+        rewritten("a b a", [("a", "x")], once=True)
+    with pytest.raises(AssertionError, match="0 times"):
+        rewritten("a b", [("c", "x")])
+
+
 def test_every_kernel_source_compacts_to_the_same_tokens():
     """What MLX is given is the rendered kernel minus comments and layout, token for token."""
     import re

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from .source import KernelSource
+from .source import KernelSource, rewritten
 
 _BODY = """
   const int index = (int)(group_id * THREADS + thread_id);
@@ -46,12 +46,8 @@ _BATCH_ROWS = (
 
 
 def batched_source() -> KernelSource:
-    body = _BODY
-    for old, new in _BATCH_ROWS:
-        if old not in body:
-            raise AssertionError(f"{old!r} is not in the embedding body: the batched form needs updating")
-        body = body.replace(old, new)
-    return KernelSource("foundry_embed_state_batch", ("state", "table", "scales", "biases"), ("x",), body)
+    return KernelSource("foundry_embed_state_batch", ("state", "table", "scales", "biases"), ("x",),
+                        rewritten(_BODY, _BATCH_ROWS))
 
 
 def batched_launch_arguments(state: mx.array, table: QuantizedWeight | mx.array, dtype: mx.Dtype) -> dict:

@@ -35,7 +35,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .source import KernelSource
+from .source import KernelSource, rewritten
 
 STATE_SIZE = 8  # int32s: more than MLX's 8-byte small-buffer limit, so the array lives in device memory
 PARAMS_SIZE = 8
@@ -268,12 +268,8 @@ _BATCH_ROWS = (
 
 def batched_source(backend: str) -> KernelSource:
     single = kernel_source(backend)
-    body = single.body
-    for old, new in _BATCH_ROWS:
-        if body.count(old) != 1:
-            raise AssertionError(f"{old!r} is not once in the sampling body: the batched form needs updating")
-        body = body.replace(old, new)
-    return KernelSource("foundry_sample_batch", single.input_names, single.output_names, body, single.header)
+    return KernelSource("foundry_sample_batch", single.input_names, single.output_names,
+                        rewritten(single.body, _BATCH_ROWS, once=True), single.header)
 
 
 def batched_launch_arguments(logits: mx.array, params: mx.array, state: mx.array, recent: mx.array, backend: str,

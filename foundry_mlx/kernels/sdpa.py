@@ -23,7 +23,7 @@ import math
 
 import mlx.core as mx
 
-from .source import KernelSource, float_literal, literal_tag, scalar
+from .source import KernelSource, float_literal, literal_tag, rewritten, scalar
 
 DIMS_PER_LANE = 8
 
@@ -115,36 +115,31 @@ BODY = """
 """
 
 
-def _replace_once(text: str, old: str, new: str) -> str:
-    if text.count(old) != 1:
-        raise AssertionError(f"decode attention body changed: {old!r} is not there exactly once")
-    return text.replace(old, new)
-
-
 def split_body() -> str:
     """BODY split over positions (the layer kernel's attention phase, kernels/fused_layer.py):
     virtual threadgroup g takes head g / SPLITS over the (g % SPLITS)-th share of the positions
     and writes its partial softmax (max, sum, unnormalised weighted values: D + 2 floats) to
     `parts`; `MERGE_BODY` combines a head's shares. Without the split, a 14-head model keeps 14
     threadgroups busy at any depth (the layer kernel measured 391 tok/s at depth 2048 that way)."""
-    body = _replace_once(BODY, "  const int head = (int)group_id;\n",
-                         "  const int head = (int)group_id / SPLITS;\n  const int split = (int)group_id % SPLITS;\n")
-    body = _replace_once(body, "  const int length = SCALAR(valid);\n", """  const int length = SCALAR(valid);
+    return rewritten(BODY, (
+        ("  const int head = (int)group_id;\n",
+         "  const int head = (int)group_id / SPLITS;\n  const int split = (int)group_id % SPLITS;\n"),
+        ("  const int length = SCALAR(valid);\n", """  const int length = SCALAR(valid);
   // Whole SIMD-group rows per share, so every lane of a SIMD-group runs its loop equally often.
   const int share = ((length + SPLITS - 1) / SPLITS + PER_WARP - 1) / PER_WARP * PER_WARP;
   const int begin = split * share;
   const int end = min(length, begin + share);
-""")
-    body = _replace_once(body, "for (int first = (int)warp * PER_WARP; first < length;",
-                         "for (int first = begin + (int)warp * PER_WARP; first < end;")
-    body = _replace_once(body, "const bool valid_position = position < length;", "const bool valid_position = position < end;")
-    return _replace_once(body, "    out[head * D + (int)thread_id] = static_cast<T>(value / total);\n", """    float* part = parts + (long)group_id * (D + 2);
+"""),
+        ("for (int first = (int)warp * PER_WARP; first < length;", "for (int first = begin + (int)warp * PER_WARP; first < end;"),
+        ("const bool valid_position = position < length;", "const bool valid_position = position < end;"),
+        ("    out[head * D + (int)thread_id] = static_cast<T>(value / total);\n", """    float* part = parts + (long)group_id * (D + 2);
     part[2 + (int)thread_id] = value;
     if (thread_id == 0) {
       part[0] = overall;
       part[1] = total;
     }
-""")
+"""),
+    ), once=True)
 
 
 # Combine a head's SPLITS partial softmaxes (split_body) into its output: virtual threadgroup = head.
@@ -195,14 +190,6 @@ def fused_source(scale: float) -> KernelSource:
                         ("out",), body)
 
 
-def _replaced(text: str, replacements: tuple[tuple[str, str], ...]) -> str:
-    for old, new in replacements:
-        if old not in text:
-            raise AssertionError(f"{old!r} is not in the kernel body: the batched form needs updating")
-        text = text.replace(old, new)
-    return text
-
-
 # The batched form: threadgroup g is (row g / HEADS, head g % HEADS); row b's query is in row b of
 # the QKV output, its keys in slot b of the (B, kv_heads, S, D) buffers, its length in its state.
 _BATCH_ROWS = (
@@ -219,7 +206,7 @@ def batched_source(scale: float) -> KernelSource:
     position (state[b, 0]); a parked row of a batch (position 0) reads one position."""
     fused = fused_source(scale)
     return KernelSource(fused.name.replace("_fused_", "_batch_"), fused.input_names, fused.output_names,
-                        _replaced(fused.body, _BATCH_ROWS))
+                        rewritten(fused.body, _BATCH_ROWS))
 
 
 def batched_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, heads: int) -> dict:

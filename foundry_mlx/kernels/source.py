@@ -115,6 +115,20 @@ class KernelSource:
         )
 
 
+def rewritten(text: str, replacements, once: bool = False) -> str:
+    """`text` with each (old, new) of `replacements` applied in turn: how a kernel's batched or
+    split form is derived from its one body. An `old` the text no longer holds (exactly once with
+    `once`, else at least once, every occurrence replaced) is an error, so a change to the body
+    fails loudly instead of leaving the derived form stale."""
+    for old, new in replacements:
+        count = text.count(old)
+        if count == 0 or (once and count != 1):
+            raise AssertionError(f"{old!r} is in the kernel body {count} times, not {'once' if once else 'at least once'}: "
+                                 "its derived form needs updating")
+        text = text.replace(old, new)
+    return text
+
+
 def compact(text: str) -> str:
     """C++/MSL text without blank lines, indentation and `//` comments (lines stay lines, for the
     preprocessor). Kernel sources hold no `//` inside string literals; one that did would keep its
