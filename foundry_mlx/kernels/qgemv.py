@@ -199,6 +199,24 @@ def chunk(bits: int) -> int:
     return 16 if (16 * bits) % 32 == 0 else 32
 
 
+def constants(rows_per_unit: int, per_row: str = "") -> str:
+    """The kernel's derived constants and its reduction arrays; `per_row` (" * BATCH") sizes the
+    arrays for the batched form (kernels/qgemv_batch.py), which shares this geometry."""
+    return f"""
+  constexpr int BITS_ = BITS;
+  constexpr int E = CHUNK;                                // values per lane per step
+  constexpr int W = E * BITS_ / 32;                      // packed words per chunk
+  constexpr int STEP = 32 * E;                           // values per SIMD-group per step
+  constexpr int WORDS_PER_ROW = K * BITS_ / 32;
+  constexpr int GROUPS_PER_ROW = K / GROUP;
+  constexpr unsigned int MASK = (1u << BITS_) - 1u;
+  constexpr int RPU = {rows_per_unit};
+  constexpr int SLOTS = ROWS * RPU;
+  constexpr int THREADS = WARPS_N * WARPS_K * 32;
+  SHARED float norm_partial[WARPS_N * WARPS_K{per_row}];
+  SHARED float k_partial[WARPS_K * WARPS_N * SLOTS{per_row}];"""
+
+
 def body(variant: Variant, eps: float | None = None) -> str:
     rows_per_unit = variant.rows_per_unit
     stage = ""
@@ -225,19 +243,7 @@ def body(variant: Variant, eps: float | None = None) -> str:
   BARRIER();
 """.replace("{eps}", "SCALAR(eps)" if not variant.fused else float_literal(eps))
         x_source = "x_norm"
-    return f"""
-  constexpr int BITS_ = BITS;
-  constexpr int E = CHUNK;                                // values per lane per step
-  constexpr int W = E * BITS_ / 32;                      // packed words per chunk
-  constexpr int STEP = 32 * E;                           // values per SIMD-group per step
-  constexpr int WORDS_PER_ROW = K * BITS_ / 32;
-  constexpr int GROUPS_PER_ROW = K / GROUP;
-  constexpr unsigned int MASK = (1u << BITS_) - 1u;
-  constexpr int RPU = {rows_per_unit};
-  constexpr int SLOTS = ROWS * RPU;
-  constexpr int THREADS = WARPS_N * WARPS_K * 32;
-  SHARED float norm_partial[WARPS_N * WARPS_K];
-  SHARED float k_partial[WARPS_K * WARPS_N * SLOTS];
+    return f"""{constants(rows_per_unit)}
 {stage}
   // SIMD-group (warp_n, warp_k) owns ROWS units and every WARPS_K-th step along K.
   const int warp_n = (int)warp % WARPS_N;

@@ -131,19 +131,7 @@ def body(variant: qgemv.Variant, eps: float | None = None) -> str:
           }} else {{
             LOAD_FLOATS(T, E, x + (long)item * K + base, xs);{norm_apply}
           }}"""
-    return f"""
-  constexpr int BITS_ = BITS;
-  constexpr int E = CHUNK;
-  constexpr int W = E * BITS_ / 32;
-  constexpr int STEP = 32 * E;
-  constexpr int WORDS_PER_ROW = K * BITS_ / 32;
-  constexpr int GROUPS_PER_ROW = K / GROUP;
-  constexpr unsigned int MASK = (1u << BITS_) - 1u;
-  constexpr int RPU = {rows_per_unit};
-  constexpr int SLOTS = ROWS * RPU;
-  constexpr int THREADS = WARPS_N * WARPS_K * 32;
-  SHARED float norm_partial[WARPS_N * WARPS_K * BATCH];
-  SHARED float k_partial[WARPS_K * WARPS_N * SLOTS * BATCH];
+    return f"""{qgemv.constants(rows_per_unit, " * BATCH")}
 {norm_stage}
   const int warp_n = (int)warp % WARPS_N;
   const int warp_k = (int)warp / WARPS_N;
