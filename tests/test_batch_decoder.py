@@ -10,7 +10,7 @@ import threading
 import mlx.core as mx
 import pytest
 from test_batch import assert_follow_ups_reuse_the_prompt_cache, run_all
-from tiny_models import fused_plan_spec, write_tiny_model
+from tiny_models import load_fused_plan_model
 
 import foundry_mlx as fm
 from foundry_mlx.engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
@@ -27,11 +27,7 @@ PROMPTS = [[5, 17, 99, 3, 42, 7, 120, 64], [40, 41], [7, 7, 7, 7, 7, 9, 11, 13, 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def engine(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("batch-fused") / f"{request.param}.gguf"
-    write_tiny_model(path, fused_plan_spec(request.param))
-    model, tokenizer = fm.load(str(path), progress=False)
-    assert fused_step.unsupported_reason(model) is None
-    return model, tokenizer
+    return load_fused_plan_model(tmp_path_factory.mktemp("batch-fused"), request.param)
 
 
 

@@ -9,7 +9,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import fused_plan_spec, qwen2_quantized_spec, write_tiny_model
+from tiny_models import load_fused_plan_model, qwen2_quantized_spec, write_tiny_model
 
 from foundry_mlx import load
 from foundry_mlx.engine import decoder as decoder_module
@@ -23,11 +23,7 @@ from foundry_mlx.kernels.sample import reference as draw
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fused") / f"{request.param}.gguf"
-    write_tiny_model(path, fused_plan_spec(request.param))
-    loaded, tokenizer = load(str(path), progress=False)
-    assert fused_step.unsupported_reason(loaded) is None
-    return loaded, tokenizer
+    return load_fused_plan_model(tmp_path_factory.mktemp("fused"), request.param)
 
 
 def _model_file_greedy(model, prompt, count):

@@ -385,6 +385,19 @@ def fused_plan_spec(family: str) -> TinySpec:
     return qwen2_quantized_spec(types={"token_embd": types["token_embd"]}, default_type=types["attn_q"])
 
 
+def load_fused_plan_model(folder: Path, family: str):
+    """(model, tokenizer) of a `fused_plan_spec(family)` model written to `folder`, checked to be one
+    the fused step plans."""
+    from foundry_mlx import load
+    from foundry_mlx.kernels import fused_step
+
+    path = folder / f"{family}.gguf"
+    write_tiny_model(path, fused_plan_spec(family))
+    model, tokenizer = load(str(path), progress=False)
+    assert fused_step.unsupported_reason(model) is None
+    return model, tokenizer
+
+
 def gemma3_spec(**overrides: Any) -> TinySpec:
     """Gemma 3 with 6 layers (layer 5 global), a window of 8, GGUF Q8_0/Q5_0/Q4_K like the real file."""
     values: dict[str, Any] = dict(

@@ -7,9 +7,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import fused_plan_spec, write_tiny_model
+from tiny_models import load_fused_plan_model
 
-from foundry_mlx import load
 from foundry_mlx.kernels import embed, fused_step, qgemv_batch, sample, sdpa
 from foundry_mlx.kernels.fused_batch import BatchedReferenceKernels
 
@@ -22,11 +21,7 @@ REFERENCE = BatchedReferenceKernels()
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def model(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("batch-metal") / f"{request.param}.gguf"
-    write_tiny_model(path, fused_plan_spec(request.param))
-    loaded, _ = load(str(path), progress=False)
-    assert fused_step.unsupported_reason(loaded) is None
-    return loaded
+    return load_fused_plan_model(tmp_path_factory.mktemp("batch-metal"), request.param)[0]
 
 
 def _state(positions, tokens=(7, 100, 3), parked=()):
