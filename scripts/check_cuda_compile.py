@@ -88,6 +88,10 @@ def compile_fused(args, scratch: Path) -> bool:
         failed |= _compile(args, scratch, f"fused attention {dtype}", f"attention_fused_{dtype}", source,
                            {"q": dtype, "keys": dtype, "values": dtype, "state": "int32"}, [("out", dtype)],
                            [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("WARPS", 8)])
+        source = sdpa.split_source(0.125)
+        failed |= _compile(args, scratch, f"split attention {dtype}", f"attention_split_{dtype}", source,
+                           {"q": dtype, "keys": dtype, "values": dtype, "state": "int32", "parts": "float32"},
+                           [("out", dtype)], [("T", dtype), ("D", 128), ("HEADS", 28), ("KV_HEADS", 4), ("WARPS", 4)])
         source = embed.kernel_source()
         failed |= _compile(args, scratch, f"embedding {dtype}", f"embed_{dtype}", source,
                            {"state": "int32", "table": "uint32", "scales": dtype, "biases": dtype}, [("x", dtype)],

@@ -7,8 +7,8 @@ for the 0.5B model). The phases are the same kernel bodies (qgemv.body, sdpa.BOD
 "virtual threadgroups" (g = blockIdx.x, += gridDim.x) with its own template constants in a scope
 of its own, so the arithmetic is the one the 5-kernel step's GPU tests verified:
 
-    norm+QKV+bias+RoPE+KV write → | → attention, positions split in shares → | → merge the shares → |
-      → o_proj+residual → | → norm+gate/up+SwiGLU → | → down+residual
+    norm+QKV+bias+RoPE+KV write → | → attention, positions split in shares, each head's last share
+      merging the head → | → o_proj+residual → | → norm+gate/up+SwiGLU → | → down+residual
 
 The barrier (`foundry_grid_sync`) keeps its counter and generation in `__device__` globals of the
 kernel's own module (tiny MLX buffers live in managed memory, where a barrier costs ~500 µs; a
@@ -25,19 +25,32 @@ the first version (ac92069) 928 / 391, with one block of 8 warps per query head 
 gate/up taking ~10 rounds of the blocks; with each head's positions split over the idle blocks
 (merged in a phase of their own), the later phases' weights prefetched into L2, one round of the
 blocks per phase and the intermediates in one scratch buffer (cd8404b): 1,180 / 1,023 against
-mlx-lm's 298 / 294 in the same run. Now the device sets its speed (~37 µs per layer: six phases
-of dependent round trips, five barriers), no longer MLX's host time (27 nodes ≈ 0.75 ms).
+mlx-lm's 298 / 294 in the same run. Then the device set its speed (~37 µs per layer: six phases
+of dependent round trips, five barriers), no longer MLX's host time (27 nodes ≈ 0.75 ms); the
+merge phase has since become the last share's job (five phases, four barriers).
 """
 
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 
 from . import qgemv, sdpa
 from .source import KernelSource, literal_tag
 
-BLOCKS = 128
+# Blocks of the launch (every one resident at once, or the barrier cannot complete) and the
+# barrier's poll interval: settings to measure, FOUNDRY_LAYER_BLOCKS / FOUNDRY_SYNC_SLEEP_NS.
+BLOCKS = int(os.environ.get("FOUNDRY_LAYER_BLOCKS", "128"))
+SYNC_SLEEP_NS = int(os.environ.get("FOUNDRY_SYNC_SLEEP_NS", "256"))
 WARPS = qgemv.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
+
+def _header() -> str:
+    """The barrier and prefetch helpers; SYNC_SLEEP_NS is how long a waiting block sleeps between
+    polls of the barrier's generation (0: it spins)."""
+    sleep = f"__nanosleep({SYNC_SLEEP_NS})" if SYNC_SLEEP_NS else "(void)0"
+    return _HEADER.replace("__nanosleep(256)", sleep)
+
 
 _HEADER = """
 __device__ unsigned int foundry_sync_count = 0;
@@ -143,15 +156,15 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     phases.append(_scope(constants, pointers, groups,
                          qgemv.body(variant, attention.eps)))
     # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
-    # split into SPLITS shares (one virtual threadgroup each), then the shares merged per head.
+    # split into SPLITS shares (one virtual threadgroup each).
     splits = attention_splits(heads)
-    body = sdpa.from_state(sdpa.split_body(), attention.scale)
+    # Each head's last share to finish merges the head's shares (sdpa.merged_split_body): no merge
+    # phase and no grid barrier of its own.
+    body = sdpa.from_state(sdpa.merged_split_body(), attention.scale)
     constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=CAPACITY, WARPS=WARPS, SPLITS=splits)
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
-                ("float*", "parts", "MUTABLE(float, attn_parts)")]
+                ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT")]
     phases.append(_scope(constants, pointers, heads * splits, body))
-    pointers = [("const float*", "parts", "attn_parts"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT")]
-    phases.append(_scope(dict(D=dims, SPLITS=splits), pointers, heads, sdpa.MERGE_BODY))
     # 3. o_proj + residual (the layer's input).
     constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
     # `residual` first: it names the layer's input before `x` is rebound to the attention output.
@@ -186,7 +199,7 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     layout = "".join(f"  constexpr long {name.upper()}_AT = {offset};\n" for name, offset in offsets.items())
     outputs = ("x_out",)
     body = layout + prefetch + "\n".join(phases)
-    return KernelSource(name, tuple(inputs), outputs, body, qgemv._HEADER["cuda"] + _HEADER), inputs
+    return KernelSource(name, tuple(inputs), outputs, body, qgemv._HEADER["cuda"] + sdpa.SPLIT_HEADER + _header()), inputs
 
 
 def scratch_offsets(qkv_rows: int, attended: int, hidden: int, ffn: int) -> dict[str, int]:
@@ -258,10 +271,10 @@ def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array
     heads, dims = attention.n_heads, attention.rope.dims
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
-    return _scratch(sizes["scratch_size"], dtype), _scratch(heads * attention_splits(heads) * (dims + 2), mx.float32)
+    return scratch(sizes["scratch_size"], dtype), scratch(heads * attention_splits(heads) * (dims + 2), mx.float32)
 
 
-def _scratch(size: int, dtype: mx.Dtype) -> mx.array:
+def scratch(size: int, dtype: mx.Dtype) -> mx.array:
     """One device buffer per size and dtype, shared by every layer's launch: the layers run one
     after another (each takes the previous one's output), so one layer's intermediates are dead
     before the next layer writes its own."""

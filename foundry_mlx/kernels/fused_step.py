@@ -106,8 +106,16 @@ class GpuKernels:
         return out, keys, values  # the kernel wrote the new rows into `keys` and `values` in place
 
     def attention(self, qkv, attention, state, keys, values):
+        if self.backend == "cuda":  # positions split over the GPU, the last share merging (sdpa.split_source)
+            parts = self._attention_parts(attention)
+            arguments = sdpa.split_launch_arguments(qkv, keys, values, state, parts, attention.n_heads)
+            return self._kernel(sdpa.split_source(attention.scale))(**arguments)[0]
         arguments = sdpa.fused_launch_arguments(qkv, keys, values, state, attention.n_heads)
         return self._kernel(sdpa.fused_source(attention.scale))(**arguments)[0]
+
+    @staticmethod
+    def _attention_parts(attention) -> mx.array:
+        return fused_layer.scratch(sdpa.parts_size(attention.n_heads, attention.rope.dims), mx.float32)
 
     def residual(self, x, layer: Linear, residual):
         return self._gemv(RESIDUAL, None, x, layer, residual=residual)
@@ -123,10 +131,12 @@ class GpuKernels:
         across steps before the step is traced."""
         if self.layer_kernel is None:
             self.layer_kernel = fused_layer.suits(model)
-        if self.layer_kernel:
-            dtype = model.layers[0].self_attn.norm_weight.dtype
-            for layer in model.layers:
+        dtype = model.layers[0].self_attn.norm_weight.dtype
+        for layer in model.layers:
+            if self.layer_kernel:
                 fused_layer.scratch_buffers(layer.self_attn, layer.mlp, dtype)
+            elif self.backend == "cuda":
+                self._attention_parts(layer.self_attn)
 
     def layer(self, x, attention, mlp, state, keys, values):
         """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels."""

@@ -165,6 +165,51 @@ MERGE_BODY = """
 """
 
 
+# CUDA: the share of a head that finishes last merges the head's shares in the same launch (the
+# "last block" pattern of CUDA's threadFenceReduction sample), so a split attention needs no merge
+# pass: no second kernel (a graph node, ~4 µs of MLX host time) in the five-kernel step, and no
+# grid barrier plus merge phase (~3 µs per layer) in the layer kernel. Each share fences its part,
+# then one thread counts the share in for its head with `atomicInc`, which wraps the counter back
+# to 0 at the SPLITS-th arrival, so every launch leaves the counters as it found them. The counters
+# are `__device__` globals of the kernel's module (a tiny MLX buffer would live in managed memory).
+# Volatile loads read the other shares' parts from L2, past this SM's L1.
+MAX_HEADS = 256
+SPLIT_HEADER = f"__device__ unsigned int foundry_shares_done[{MAX_HEADS}];\n"
+_LAST_SHARE_MERGES = """
+  SHARED unsigned int merge_here;
+  __threadfence();
+  BARRIER();
+  if (thread_id == 0) {
+    const unsigned int last = (unsigned int)(SPLITS - 1);
+    merge_here = atomicInc(&foundry_shares_done[head], last) == last;
+  }
+  BARRIER();
+  if (merge_here) {
+    __threadfence();
+""" + rewritten(MERGE_BODY, (("    const int head = (int)group_id;\n", ""),
+                             ("const float* part = parts", "const volatile float* part = parts"))) + "  }\n"
+
+
+def merged_split_body() -> str:
+    """split_body with the merge done by each head's last share (CUDA: device atomics, fences)."""
+    return split_body() + _LAST_SHARE_MERGES
+
+
+MAX_SPLITS = 32
+TARGET_BLOCKS = 256  # about two blocks per SM of an H100/H200 (132 SMs)
+
+
+def splits_for(heads: int, capacity: int, dims: int) -> int:
+    """Shares per head for the split attention: enough blocks to fill the GPU, none smaller than
+    64 positions of the buffer (a share's fixed cost is a block's launch and one merge read)."""
+    return max(1, min(MAX_SPLITS, TARGET_BLOCKS // heads, capacity // 64))
+
+
+def split_warps(dims: int) -> int:
+    """SIMD-groups per share: four, or enough that D threads write the merged head."""
+    return max(4, dims // 32)
+
+
 # The cache capacity S (the buffers' third axis) is read from the keys' shape at run time, not baked
 # in: a source per capacity meant an NVRTC compile of every attention kernel each time a sequence
 # crossed a 256-position step (seconds of stall mid-reply, and per batch layout in the server).
@@ -188,6 +233,40 @@ def fused_source(scale: float) -> KernelSource:
     body = RUNTIME_S + from_state(BODY, scale)
     return KernelSource("foundry_decode_attention_fused_s" + literal_tag(scale), ("q", "keys", "values", "state"),
                         ("out",), body)
+
+
+def split_source(scale: float) -> KernelSource:
+    """The fused step's attention on CUDA: block g takes head g / SPLITS over a share of the
+    positions, and each head's last share merges (SPLITS = the launch's blocks per head, so one
+    compile serves every split count). `parts` is a float32 scratch buffer of heads × MAX_SPLITS ×
+    (D + 2), written in place. Measured reason (H200, 7B shape at depth 2048): one block per head
+    left 28 of 132 SMs busy and attention took ~37 µs per layer for 4 MB of keys and values."""
+    body = RUNTIME_S + "  const int SPLITS = (int)gridDim.x / HEADS;\n" + from_state(merged_split_body(), scale)
+    body = rewritten(body, (("    float* part = parts + (long)group_id", "    float* part = MUTABLE(float, parts) + (long)group_id"),), once=True)
+    return KernelSource("foundry_decode_attention_split_s" + literal_tag(scale), ("q", "keys", "values", "state", "parts"),
+                        ("out",), body, SPLIT_HEADER)
+
+
+def split_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, parts: mx.array,
+                           heads: int) -> dict:
+    """Keyword arguments for `split_source`'s kernel: `splits_for` shares per head."""
+    _, kv_heads, capacity, dims = keys.shape
+    if heads > MAX_HEADS:
+        raise ValueError(f"the split attention kernel takes at most {MAX_HEADS} heads; got {heads}")
+    splits, warps = splits_for(heads, capacity, dims), split_warps(dims)
+    return dict(
+        inputs=[qkv, keys, values, state, parts],
+        template=[("T", qkv.dtype), ("D", dims), ("HEADS", heads), ("KV_HEADS", kv_heads), ("WARPS", warps)],
+        grid=(heads * splits * warps * 32, 1, 1),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(heads * dims,)],
+        output_dtypes=[qkv.dtype],
+    )
+
+
+def parts_size(heads: int, dims: int) -> int:
+    """Floats of the split attention's `parts` scratch (every split count up to MAX_SPLITS)."""
+    return heads * MAX_SPLITS * (dims + 2)
 
 
 # The batched form: threadgroup g is (row g / HEADS, head g % HEADS); row b's query is in row b of

@@ -57,3 +57,46 @@ def test_gpu_decode_attention_matches_mlx(case, dtype):
     expected = sdpa.reference(q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32), valid, scale)
     tolerance = 1e-4 if dtype == "float32" else 4e-3
     np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(expected), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gpu_split_attention_with_last_share_merge_matches_mlx(dtype):
+    """sdpa.split_source (CUDA): a head's positions in shares, the last share to finish merging.
+    Every case runs three times in one evaluation, with split counts changing from launch to
+    launch: each launch must leave the per-head counters at zero for the next."""
+    from foundry_mlx.kernels import sample
+
+    if kernels.gpu_backend() != "cuda":
+        pytest.skip("the split attention kernel is CUDA's (device atomics in a module global)")
+    outs, expected = [], []
+    for heads, kv_heads, head_dim, length, valid in CASES * 3:
+        q, keys, values = (a.astype(getattr(mx, dtype)) for a in inputs(heads, kv_heads, head_dim, length, seed=valid))
+        qkv = mx.concatenate([q, mx.zeros(2 * kv_heads * head_dim, dtype=q.dtype)])
+        parts = mx.zeros(sdpa.parts_size(heads, head_dim), dtype=mx.float32)
+        state = sample.make_state(valid - 1, 0, 0, 0, 0)
+        scale = sdpa.default_scale(head_dim)
+        kernel = sdpa.split_source(scale).build("cuda")
+        outs.append(kernel(**sdpa.split_launch_arguments(qkv, keys, values, state, parts, heads))[0])
+        expected.append(sdpa.reference(q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
+                                       valid, scale))
+    mx.eval(outs, expected)
+    tolerance = 1e-4 if dtype == "float32" else 4e-3
+    for out, reference in zip(outs, expected):
+        np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(reference), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("heads, capacity", [(14, 256), (14, 4096), (28, 2304), (64, 8192), (2, 64)])
+def test_split_counts_fill_the_gpu_without_tiny_shares(heads, capacity):
+    splits = sdpa.splits_for(heads, capacity, 64)
+    assert 1 <= splits <= sdpa.MAX_SPLITS
+    assert heads * splits <= max(sdpa.TARGET_BLOCKS, heads)
+    assert splits == 1 or capacity // splits >= 64
+
+
+def test_split_source_merges_in_the_last_share_and_wraps_its_counter():
+    source = sdpa.split_source(0.125)
+    assert "foundry_shares_done" in source.header
+    assert source.body.count("atomicInc(&foundry_shares_done[head], last)") == 1
+    assert "const volatile float* part = parts" in source.body  # other shares' parts read past L1
+    assert "SPLITS = (int)gridDim.x / HEADS" in source.body  # one compile for every split count
