@@ -69,8 +69,9 @@ def test_the_layer_source_names_each_phase_and_writes_one_output():
     assert source.output_names == ("x_out",)
     assert "scratch" in inputs and "attn_parts" in inputs
     assert source.body.count("foundry_grid_sync();") == 4  # five phases, four barriers
-    assert source.body.count("atomicInc(&foundry_shares_done[head], last)") == 1  # attention merges its own shares
-    assert "foundry_shares_done" in source.header
+    assert source.body.count("atomicInc(shares_done + head, last)") == 1  # attention merges its own shares
+    splits = fused_layer.attention_splits(heads)
+    assert f"MUTABLE(float, attn_parts) + {heads * splits * (dims + 2)})" in source.body  # counters after the parts
     assert "prefetch.global.L2" in source.header
 
 

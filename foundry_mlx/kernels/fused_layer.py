@@ -163,7 +163,9 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     body = sdpa.from_state(sdpa.merged_split_body(), attention.scale)
     constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=CAPACITY, WARPS=WARPS, SPLITS=splits)
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
-                ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT")]
+                ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT"),
+                ("unsigned int*", "shares_done",
+                 f"reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + {heads * splits * (dims + 2)})")]
     phases.append(_scope(constants, pointers, heads * splits, body))
     # 3. o_proj + residual (the layer's input).
     constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
@@ -199,7 +201,7 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     layout = "".join(f"  constexpr long {name.upper()}_AT = {offset};\n" for name, offset in offsets.items())
     outputs = ("x_out",)
     body = layout + prefetch + "\n".join(phases)
-    return KernelSource(name, tuple(inputs), outputs, body, qgemv._HEADER["cuda"] + sdpa.SPLIT_HEADER + _header()), inputs
+    return KernelSource(name, tuple(inputs), outputs, body, qgemv._HEADER["cuda"] + _header()), inputs
 
 
 def scratch_offsets(qkv_rows: int, attended: int, hidden: int, ffn: int) -> dict[str, int]:
@@ -271,7 +273,8 @@ def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array
     heads, dims = attention.n_heads, attention.rope.dims
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
-    return scratch(sizes["scratch_size"], dtype), scratch(heads * attention_splits(heads) * (dims + 2), mx.float32)
+    # The attention's parts, then one share counter per head (sdpa.merged_split_body).
+    return scratch(sizes["scratch_size"], dtype), scratch(heads * attention_splits(heads) * (dims + 2) + heads, mx.float32)
 
 
 def scratch(size: int, dtype: mx.Dtype) -> mx.array:

@@ -168,20 +168,22 @@ MERGE_BODY = """
 # CUDA: the share of a head that finishes last merges the head's shares in the same launch (the
 # "last block" pattern of CUDA's threadFenceReduction sample), so a split attention needs no merge
 # pass: no second kernel (a graph node, ~4 µs of MLX host time) in the five-kernel step, and no
-# grid barrier plus merge phase (~3 µs per layer) in the layer kernel. Each share fences its part,
-# then one thread counts the share in for its head with `atomicInc`, which wraps the counter back
-# to 0 at the SPLITS-th arrival, so every launch leaves the counters as it found them. The counters
-# are `__device__` globals of the kernel's module (a tiny MLX buffer would live in managed memory).
-# Volatile loads read the other shares' parts from L2, past this SM's L1.
+# grid barrier plus merge phase in the layer kernel. Each share fences its part, then one thread
+# counts the share in for its head with `atomicInc`, which wraps the counter back to 0 at the
+# SPLITS-th arrival, so every launch leaves the counters as it found them. The counters
+# (`shares_done`, one per head) sit after the parts in the same scratch buffer, zeroed when it is
+# made: a large buffer lives in device memory (a tiny MLX buffer would be in managed memory, where
+# an atomic costs hundreds of µs), and two launches with their own scratch never share a counter
+# (MLX's CUDA graph runs kernels without a data dependency side by side). Volatile loads read the
+# other shares' parts from L2, past this SM's L1.
 MAX_HEADS = 256
-SPLIT_HEADER = f"__device__ unsigned int foundry_shares_done[{MAX_HEADS}];\n"
 _LAST_SHARE_MERGES = """
   SHARED unsigned int merge_here;
   __threadfence();
   BARRIER();
   if (thread_id == 0) {
     const unsigned int last = (unsigned int)(SPLITS - 1);
-    merge_here = atomicInc(&foundry_shares_done[head], last) == last;
+    merge_here = atomicInc(shares_done + head, last) == last;
   }
   BARRIER();
   if (merge_here) {
@@ -241,10 +243,13 @@ def split_source(scale: float) -> KernelSource:
     compile serves every split count). `parts` is a float32 scratch buffer of heads × MAX_SPLITS ×
     (D + 2), written in place. Measured reason (H200, 7B shape at depth 2048): one block per head
     left 28 of 132 SMs busy and attention took ~37 µs per layer for 4 MB of keys and values."""
-    body = RUNTIME_S + "  const int SPLITS = (int)gridDim.x / HEADS;\n" + from_state(merged_split_body(), scale)
+    counters = "  unsigned int* shares_done = reinterpret_cast<unsigned int*>(MUTABLE(float, parts) + COUNTERS_AT);\n"
+    body = (RUNTIME_S + "  const int SPLITS = (int)gridDim.x / HEADS;\n"
+            f"  constexpr long COUNTERS_AT = (long)HEADS * {MAX_SPLITS} * (D + 2);\n" + counters
+            + from_state(merged_split_body(), scale))
     body = rewritten(body, (("    float* part = parts + (long)group_id", "    float* part = MUTABLE(float, parts) + (long)group_id"),), once=True)
     return KernelSource("foundry_decode_attention_split_s" + literal_tag(scale), ("q", "keys", "values", "state", "parts"),
-                        ("out",), body, SPLIT_HEADER)
+                        ("out",), body)
 
 
 def split_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, state: mx.array, parts: mx.array,
@@ -265,8 +270,9 @@ def split_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, stat
 
 
 def parts_size(heads: int, dims: int) -> int:
-    """Floats of the split attention's `parts` scratch (every split count up to MAX_SPLITS)."""
-    return heads * MAX_SPLITS * (dims + 2)
+    """Floats of the split attention's `parts` scratch (every split count up to MAX_SPLITS), then
+    one counter per head."""
+    return heads * MAX_SPLITS * (dims + 2) + heads
 
 
 # The batched form: threadgroup g is (row g / HEADS, head g % HEADS); row b's query is in row b of

@@ -96,7 +96,8 @@ def test_split_counts_fill_the_gpu_without_tiny_shares(heads, capacity):
 
 def test_split_source_merges_in_the_last_share_and_wraps_its_counter():
     source = sdpa.split_source(0.125)
-    assert "foundry_shares_done" in source.header
-    assert source.body.count("atomicInc(&foundry_shares_done[head], last)") == 1
+    assert source.body.count("atomicInc(shares_done + head, last)") == 1
+    assert "MUTABLE(float, parts) + COUNTERS_AT" in source.body  # counters after the parts, in the scratch
+    assert sdpa.parts_size(28, 128) == 28 * sdpa.MAX_SPLITS * 130 + 28
     assert "const volatile float* part = parts" in source.body  # other shares' parts read past L1
     assert "SPLITS = (int)gridDim.x / HEADS" in source.body  # one compile for every split count
