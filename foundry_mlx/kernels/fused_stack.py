@@ -16,7 +16,14 @@ the barrier). While a layer runs, the next layer's QKV weights are prefetched in
 
 Which layers stack: consecutive layers whose layer kernels are the same source (same bits per
 projection, widths and heads). A uniform 4-bit model is one stack; a GGUF Q4_K_M mix, whose layers
-differ in bits, is several. `FOUNDRY_LAYER_STACK=0` keeps one launch per layer.
+differ in bits (every other layer's v_proj and down_proj), is one stack per layer.
+
+Measured on the H200 (ee30108, `benchmarks/results/h200-step-overheads.md`), 0.5B 4-bit, µs per
+token at depth 0 / 2048: one stack of 24 layers 1,000 / 1,112, one launch per layer 902 / 1,013.
+The host's work per idle step fell (512 → 414–592 µs, build + queue) but the device's rose: the
+step is device-bound, the CUDA graph already hid the gaps between layer launches, and the stack
+adds a barrier per layer and the pointer tables' loads. So it is off by default:
+`FOUNDRY_LAYER_STACK=1` turns it on, for the persistent kernel this is the first step towards.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ MAX_LAYERS = 64  # layers per launch: the inputs are pointers (8 bytes each), wi
 
 
 def enabled() -> bool:
-    return os.environ.get("FOUNDRY_LAYER_STACK", "1") != "0"
+    return os.environ.get("FOUNDRY_LAYER_STACK", "") == "1"
 
 
 def stacks(model) -> list[tuple[int, int]]:

@@ -192,14 +192,17 @@ def test_layer_kernel_equals_the_five_kernels(model):
         _close(values_a[..., len(prompt), :], values_b[..., len(prompt), :], 1e-3)
 
 
-def test_layer_stack_equals_one_launch_per_layer(model):
-    """kernels/fused_stack.py: runs of same-shape layers as one launch each (this Q4_K_M mix makes
-    several) against one layer-kernel launch per layer, over all layers, with the K/V rows every
-    layer writes: the stack re-reads its own output and scratch across grid barriers."""
-    loaded, _ = model
+def test_layer_stack_equals_one_launch_per_layer(monkeypatch):
+    """kernels/fused_stack.py (FOUNDRY_LAYER_STACK=1): a uniform 4-bit model's 24 layers as one
+    launch against one layer-kernel launch per layer, with the K/V rows every layer writes: the
+    stack re-reads its own output and scratch across grid barriers."""
+    from foundry_mlx.random_model import make_random_model
+
+    monkeypatch.setenv("FOUNDRY_LAYER_STACK", "1")
+    loaded, _ = make_random_model("qwen2.5-0.5b", "4bit", mx.float16, seed=8)
     stacked = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=True)
     stacked.prepare(loaded)
-    assert stacked.stacks and len(stacked.stacks) < len(loaded.layers)
+    assert stacked.stacks == [(0, len(loaded.layers))]
     single = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=True)
     prompt = list(range(300, 1001))
     cache, _ = prefilled(loaded, prompt, reserve=400)
