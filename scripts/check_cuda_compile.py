@@ -102,7 +102,6 @@ def compile_fused(args, scratch: Path) -> bool:
                            [("next_state", "int32"), ("token_out", "int32"), ("work", "float32")],
                            [("T", dtype), ("V", 151936), ("THREADS", 1024), ("RECENT", 64)])
     failed |= compile_layer(args, scratch)
-    failed |= compile_stack(args, scratch)
     failed |= compile_batched(args, scratch)
     return failed
 
@@ -174,22 +173,6 @@ def compile_layer(args, scratch: Path) -> bool:
     return failed
 
 
-def compile_stack(args, scratch: Path) -> bool:
-    """The layer stack (kernels/fused_stack.py): 24 layers of Qwen2.5-0.5B's shape in one launch."""
-    from types import SimpleNamespace
-
-    from foundry_mlx.kernels import fused_stack
-
-    attention = SimpleNamespace(qkv_proj=_Linear(1152, 896, 4, bias=True), o_proj=_Linear(896, 896, 4),
-                                n_heads=14, n_kv_heads=2, rope=SimpleNamespace(dims=64), eps=1e-6, scale=0.125)
-    mlp = SimpleNamespace(gate_up_proj=_Linear(9728, 896, 4), down_proj=_Linear(896, 4864, 4), eps=1e-6)
-    source, names, _ = fused_stack.stack_source(attention, mlp, 24)
-    types = {n: "uint32" if n.rsplit("_", 1)[0].endswith("_w") else "float16" for n in names}
-    types |= {"inv_freq": "float32", "state": "int32", "attn_parts": "float32"}
-    return _compile(args, scratch, "layer stack x24", "stack_24", source, types,
-                    [(n, "float16") for n in source.output_names], [("T", "float16")])
-
-
 def compile_qgemm(args, scratch: Path) -> bool:
     """The prefill GEMM (kernels/qgemm.py): both tiles, both dtypes, every bit width, each epilogue."""
     failed = False
@@ -221,7 +204,7 @@ def main() -> int:
         if args.only == "qgemm":
             return 1 if compile_qgemm(args, Path(scratch)) else 0
         if args.only == "layer":
-            return 1 if compile_layer(args, Path(scratch)) or compile_stack(args, Path(scratch)) else 0
+            return 1 if compile_layer(args, Path(scratch)) else 0
         for dtype in ("float16", "float32"):
             header, body = sdpa.SOURCE.launch_text("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}

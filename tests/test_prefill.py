@@ -149,11 +149,22 @@ def test_bad_switch_value_is_one_sentence(loaded, monkeypatch):
         prefilling.prefill(model, [1, 2, 3], model.make_cache())
 
 
-def test_switch_off_never_compiles(loaded, monkeypatch):
+@pytest.mark.parametrize("value, backend", [("0", "cuda"), ("", None), ("", "metal")])
+def test_switch_off_never_compiles(loaded, monkeypatch, value, backend):
+    """Off when asked (0), and by default wherever it was not measured faster (CPU, Metal)."""
     model, _ = loaded
-    monkeypatch.delenv(prefilling.SWITCH, raising=False)
+    monkeypatch.setenv(prefilling.SWITCH, value)
+    monkeypatch.setattr(prefilling.kernels, "gpu_backend", lambda: backend)
     monkeypatch.setattr(prefilling, "compiled_prefill_for", None)  # calling it would fail
     mx.eval(prefilling.prefill(model, [1, 2, 3], model.make_cache()))
+
+
+def test_on_by_default_on_cuda(monkeypatch):
+    monkeypatch.delenv(prefilling.SWITCH, raising=False)
+    monkeypatch.setattr(prefilling.kernels, "gpu_backend", lambda: "cuda")
+    assert prefilling.enabled()
+    monkeypatch.setattr(prefilling.kernels, "gpu_backend", lambda: None)
+    assert not prefilling.enabled()
 
 
 @pytest.mark.gpu

@@ -1,10 +1,13 @@
-"""Prefill of a prompt's first chunk as one compiled MLX graph (`FOUNDRY_PREFILL_COMPILE=1`).
+"""Prefill of a prompt's first chunk as one compiled MLX graph (on CUDA by default; `FOUNDRY_PREFILL_COMPILE`).
 
 Short prompts prefill at the speed MLX builds and dispatches graph nodes, not at the speed of
 their GEMMs: on the H200 a 128-token prefill of the 7B model takes ~30 ms, of which its GEMMs
 ~11 ms, for ~25-30 nodes a layer. `mx.compile` traces the forward pass once and replays it from
-C++, with its element-wise chains fused. Off by default until measured on the H200
-(`benchmarks/device_prefill_compile.sh`); `0` or unset runs today's eager path.
+C++, with its element-wise chains fused. Measured on the H200 (bae500d,
+`benchmarks/device_prefill_compile.sh`, `benchmarks/results/h200-prefill-compile*`), eager →
+compiled tok/s: 0.5B pp128 10,836 → 16,680, pp512 33,790 → 61,389; 7B pp128 3,230 → 3,860, pp512
+13,495 → 16,019. So it is on by default on CUDA; on Metal and the CPU (not measured there) it
+is off unless `FOUNDRY_PREFILL_COMPILE=1`; `0` runs the eager path everywhere.
 
 A trace is made per input shape, so the prompt is padded at its end to a bucket: the next
 multiple of `BUCKET` (128) positions, one trace for 128 prompt lengths with whole GEMM tiles of
@@ -41,10 +44,13 @@ SMALLEST_BUCKET = 16
 
 
 def enabled() -> bool:
-    """Whether the switch asks for compiled prefill."""
+    """Whether prefill is compiled: the switch's value, else the default (on where it was measured
+    faster: CUDA)."""
     value = os.environ.get(SWITCH, "")
     if value not in ("", "0", "1"):
-        raise FoundryError(f"{SWITCH} must be 0 or 1, not {value!r}; unset it for the eager prefill.")
+        raise FoundryError(f"{SWITCH} must be 0 or 1, not {value!r}; 0 for the eager prefill, unset for the default.")
+    if value == "":
+        return kernels.gpu_backend() == "cuda"
     return value == "1"
 
 
@@ -128,8 +134,8 @@ def compiled_prefill_for(model) -> CompiledPrefill:
 
 def prefill(model, ids: Sequence[int], cache: list) -> mx.array:
     """Run `ids` (one sequence) through the model at the caches' offset; return the last
-    position's logits (1, vocab), lazy. Compiled where `FOUNDRY_PREFILL_COMPILE=1` and it
-    `applies`, else the eager forward pass."""
+    position's logits (1, vocab), lazy. Compiled where `enabled` and it `applies`, else the
+    eager forward pass."""
     if enabled() and applies(model, cache, len(ids)):
         compiled = compiled_prefill_for(model)
         if not compiled.failed:

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from ..layers import Linear
 from . import embed, fused_layer, qgemv_batch, sample, sdpa
-from .fused_step import GpuKernels, decode_step, run_layers
+from .fused_step import GpuKernels, decode_step
 
 __all__ = ["BatchedGpuKernels", "BatchedReferenceKernels", "decode_step"]
 
@@ -106,9 +106,6 @@ class BatchedReferenceKernels:
 
     def layer(self, x, attention, mlp, state, keys, values):
         return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
-
-    def layers(self, x, model_layers, state, keys: list, values: list):
-        return run_layers(self, x, model_layers, state, keys, values)
 
     def sample(self, logits, params, state, recent):
         """Each row drawn by the host oracle (kernels/sample.py `reference`), with the batched

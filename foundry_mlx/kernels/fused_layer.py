@@ -27,7 +27,12 @@ gate/up taking ~10 rounds of the blocks; with each head's positions split over t
 blocks per phase and the intermediates in one scratch buffer (cd8404b): 1,180 / 1,023 against
 mlx-lm's 298 / 294 in the same run. Then the device set its speed (~37 µs per layer: six phases
 of dependent round trips, five barriers), no longer MLX's host time (27 nodes ≈ 0.75 ms); the
-merge phase has since become the last share's job (five phases, four barriers).
+merge phase has since become the last share's job (five phases, four barriers), which measured
+the same (898 µs/token at depth 0, e2a593b), as did spinning at the barrier instead of sleeping
+and 132 blocks instead of 128. All 24 layers in one launch (the body in a loop, a barrier between
+layers) measured slower (1,000 vs 902 µs at depth 0) and gave wrong outputs on the GPU: a later
+layer re-reads buffers other blocks rewrote in the same launch, past what the barrier orders for
+plain loads through L1. A persistent kernel needs those re-reads L1-bypassing (`ld.global.cg`).
 """
 
 from __future__ import annotations

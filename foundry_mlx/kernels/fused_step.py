@@ -28,7 +28,7 @@ import os
 import mlx.core as mx
 
 from ..layers import Linear
-from . import embed, fused_layer, fused_stack, qgemv, sample, sdpa
+from . import embed, fused_layer, qgemv, sample, sdpa
 
 QKV = qgemv.Variant(norm=True, bias=True, rope=True, fused=True)
 QKV_NO_BIAS = qgemv.Variant(norm=True, rope=True, fused=True)
@@ -131,8 +131,6 @@ class GpuKernels:
         across steps before the step is traced."""
         if self.layer_kernel is None:
             self.layer_kernel = fused_layer.suits(model)
-        # Runs of same-shape layers as one launch each (kernels/fused_stack.py), on the layer kernel.
-        self.stacks = fused_stack.stacks(model) if self.layer_kernel and fused_stack.enabled() else None
         dtype = model.layers[0].self_attn.norm_weight.dtype
         for layer in model.layers:
             if self.layer_kernel:
@@ -146,16 +144,6 @@ class GpuKernels:
             return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
         source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values)
         return self._kernel(source)(**arguments)[0], keys, values
-
-    def layers(self, x, model_layers, state, keys: list, values: list):
-        """Every layer: stacks of layers as one launch each where `prepare` chose them, else per layer."""
-        if not getattr(self, "stacks", None):
-            return run_layers(self, x, model_layers, state, keys, values)
-        for start, end in self.stacks:
-            source, arguments = fused_stack.launch_arguments(x, model_layers[start:end], state, keys[start:end],
-                                                             values[start:end])
-            x = self._kernel(source)(**arguments)[0]
-        return x, keys, values
 
     def sample(self, logits, params, state, recent):
         arguments = sample.launch_arguments(logits, params, state, recent, self.backend)
@@ -215,9 +203,6 @@ class ReferenceKernels:
     def layer(self, x, attention, mlp, state, keys, values):
         return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
 
-    def layers(self, x, model_layers, state, keys: list, values: list):
-        return run_layers(self, x, model_layers, state, keys, values)
-
     def sample(self, logits, params, state, recent):
         p = params.tolist()
         s = state.tolist()
@@ -231,20 +216,14 @@ class ReferenceKernels:
         return next_state, mx.array([token], dtype=mx.int32), mx.array(ring, dtype=mx.int32)
 
 
-def run_layers(kernels, x, model_layers, state, keys: list, values: list):
-    """The layers one `kernels.layer` call each: (output, keys, values)."""
-    keys, values = list(keys), list(values)
-    for i, layer in enumerate(model_layers):
-        x, keys[i], values[i] = kernels.layer(x, layer.self_attn, layer.mlp, state, keys[i], values[i])
-    return x, keys, values
-
-
 def decode_step(kernels, model, state, params, recent, keys: list, values: list):
     """One token: returns (next state, token (1,), keys, values, recent). The state's token is fed
     at its position; keys/values are the layers' (1, kv_heads, S, D) cache buffers."""
     dtype = model.layers[0].self_attn.norm_weight.dtype
     x = kernels.embed(state, model.embed_tokens.table, dtype)
-    x, keys, values = kernels.layers(x, model.layers, state, list(keys), list(values))
+    keys, values = list(keys), list(values)
+    for i, layer in enumerate(model.layers):
+        x, keys[i], values[i] = kernels.layer(x, layer.self_attn, layer.mlp, state, keys[i], values[i])
     logits = kernels.head(x, model.norm_weight, model.config.rms_norm_eps, model.lm_head)
     next_state, token, recent = kernels.sample(logits, params, state, recent)
     return next_state, token, keys, values, recent

@@ -190,34 +190,3 @@ def test_layer_kernel_equals_the_five_kernels(model):
         _close(ours, theirs, 2e-3)
         _close(keys_a[..., len(prompt), :], keys_b[..., len(prompt), :], 1e-3)
         _close(values_a[..., len(prompt), :], values_b[..., len(prompt), :], 1e-3)
-
-
-def test_layer_stack_equals_one_launch_per_layer(monkeypatch):
-    """kernels/fused_stack.py (FOUNDRY_LAYER_STACK=1): a uniform 4-bit model's 24 layers as one
-    launch against one layer-kernel launch per layer, with the K/V rows every layer writes: the
-    stack re-reads its own output and scratch across grid barriers."""
-    from foundry_mlx.random_model import make_random_model
-
-    monkeypatch.setenv("FOUNDRY_LAYER_STACK", "1")
-    loaded, _ = make_random_model("qwen2.5-0.5b", "4bit", mx.float16, seed=8)
-    stacked = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=True)
-    stacked.prepare(loaded)
-    assert stacked.stacks == [(0, len(loaded.layers))]
-    single = fused_step.GpuKernels(kernels.gpu_backend(), layer_kernel=True)
-    prompt = list(range(300, 1001))
-    cache, _ = prefilled(loaded, prompt, reserve=400)
-    state = sample.make_state(len(prompt), 91, 0, 1, 0)
-    x = single.embed(state, loaded.embed_tokens.table, mx.float16)
-    copies = []
-    for _ in range(2):
-        keys = [mx.array(c.keys) + 0 for c in cache]
-        values = [mx.array(c.values) + 0 for c in cache]
-        mx.eval(keys, values)
-        copies.append((keys, values))
-    ours, _, _ = stacked.layers(x, loaded.layers, state, *copies[0])
-    theirs, _, _ = fused_step.run_layers(single, x, loaded.layers, state, *copies[1])
-    mx.eval(ours, theirs)
-    _close(ours, theirs, 2e-3)
-    for index in range(len(loaded.layers)):
-        _close(copies[0][0][index][..., len(prompt), :], copies[1][0][index][..., len(prompt), :], 1e-3)
-        _close(copies[0][1][index][..., len(prompt), :], copies[1][1][index][..., len(prompt), :], 1e-3)
