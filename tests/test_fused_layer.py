@@ -146,3 +146,23 @@ def test_metal_never_takes_the_layer_kernel(switch, monkeypatch):
     assert fused_step.GpuKernels("metal").layer_kernel is False
     assert fused_step.GpuKernels("metal", layer_kernel=True).layer_kernel is False
     assert fused_step.GpuKernels("cuda").layer_kernel is {"1": True, "0": False}.get(switch)
+
+
+def test_timing_marks_every_phase_end_and_barrier_only_when_asked(monkeypatch):
+    """FOUNDRY_LAYER_TIMING=1 (benchmarks/layer_timing.py): a clock mark after each phase's body
+    and each barrier, stored after the attention's parts and counters; off, none of it."""
+    hidden, ffn, heads, kv_heads, dims = SHAPES["0.5b"]
+    attention = SimpleNamespace(qkv_proj=_Linear((heads + 2 * kv_heads) * dims, hidden, 4),
+                                o_proj=_Linear(hidden, heads * dims, 4), n_heads=heads, n_kv_heads=kv_heads,
+                                rope=SimpleNamespace(dims=dims), eps=1e-6, scale=dims ** -0.5)
+    mlp = SimpleNamespace(gate_up_proj=_Linear(2 * ffn, hidden, 4), down_proj=_Linear(hidden, ffn, 4), eps=1e-6)
+    plain, _ = fused_layer.layer_source(attention, mlp)
+    assert "foundry_mark" not in plain.body + plain.header
+    monkeypatch.setattr(fused_layer, "TIMING", True)
+    timed, _ = fused_layer.layer_source(attention, mlp)
+    assert timed.name == plain.name + "_timed"
+    marks = [f"foundry_mark(foundry_marks, {k}, MARKS, foundry_start);" for k in range(2 * fused_layer.PHASES - 1)]
+    positions = [timed.body.index(mark) for mark in marks]
+    assert positions == sorted(positions) and timed.body.count("foundry_mark(") == len(marks)
+    parts = heads * fused_layer.attention_splits(heads) * (dims + 2) + heads
+    assert f"constexpr long MARKS_AT = {parts};" in timed.body

@@ -48,6 +48,35 @@ from .source import KernelSource, literal_tag
 # barrier's poll interval: settings to measure, FOUNDRY_LAYER_BLOCKS / FOUNDRY_SYNC_SLEEP_NS.
 BLOCKS = int(os.environ.get("FOUNDRY_LAYER_BLOCKS", "128"))
 SYNC_SLEEP_NS = int(os.environ.get("FOUNDRY_SYNC_SLEEP_NS", "256"))
+# FOUNDRY_LAYER_TIMING=1 builds the kernel with clock marks at every phase's end and after every
+# barrier (benchmarks/layer_timing.py reads them): where a layer's device time goes. Off, the
+# source carries none of it.
+TIMING = os.environ.get("FOUNDRY_LAYER_TIMING", "") == "1"
+PHASES = 5
+MARKS = 2 * PHASES + 2  # per phase: body done, barrier passed; then the kernel's ns and cycles (block 0)
+_TIMING_HEADER = """
+// Block 0's elapsed clock at mark k in marks[k]; the slowest block's in marks[MARKS + k].
+__device__ __forceinline__ void foundry_mark(unsigned int* marks, int k, int count, long long start) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int elapsed = (unsigned int)(clock64() - start);
+    if (blockIdx.x == 0) marks[k] = elapsed;
+    atomicMax(marks + count + k, elapsed);
+  }
+}
+"""
+_TIMING_START = """  const long long foundry_start = clock64();
+  unsigned long long foundry_start_ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(foundry_start_ns));
+  unsigned int* foundry_marks = reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + MARKS_AT);
+"""
+_TIMING_END = """  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    unsigned long long now_ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now_ns));
+    foundry_marks[MARKS - 2] = (unsigned int)(now_ns - foundry_start_ns);
+    foundry_marks[MARKS - 1] = (unsigned int)(clock64() - foundry_start);
+  }
+"""
 WARPS = qgemv.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
 
 def _header() -> str:
@@ -89,7 +118,12 @@ __device__ __forceinline__ void foundry_prefetch_l2(const void* base, long bytes
 """
 
 
-def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, body: str, sync: bool = True) -> str:
+def _mark(k: int) -> str:
+    return f"  foundry_mark(foundry_marks, {k}, MARKS, foundry_start);" if TIMING else ""
+
+
+def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, body: str, sync: bool = True,
+           phase: int = 0) -> str:
     """A phase: its template constants and input/output names bound in a scope of its own, its
     body run for each virtual threadgroup this block owns, then a grid-wide barrier."""
     lines = ["  {"]
@@ -104,9 +138,11 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
     lines.append("      BARRIER();")
     lines.append("    }")
     lines.append("  }")
+    lines.append(_mark(2 * phase))
     if sync:
         lines.append("  foundry_grid_sync();")
-    return "\n".join(lines)
+        lines.append(_mark(2 * phase + 1))
+    return "\n".join(line for line in lines if line)
 
 
 # The layer kernel is chosen for models whose layers' weights fit in L2 several times over: it
@@ -171,25 +207,26 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
                 ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT"),
                 ("unsigned int*", "shares_done",
                  f"reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + {heads * splits * (dims + 2)})")]
-    phases.append(_scope(constants, pointers, heads * splits, body))
+    phases.append(_scope(constants, pointers, heads * splits, body, phase=1))
     # 3. o_proj + residual (the layer's input).
     constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
     # `residual` first: it names the layer's input before `x` is rebound to the attention output.
     pointers = [("const T*", "residual", "x"), ("const T*", "x", "scratch + ATTENDED_AT"), ("const uint32_t*", "w", "o_w"),
                 ("const T*", "scales", "o_scales"), ("const T*", "biases", "o_biases"), ("T*", "y", "MUTABLE(T, scratch) + H_AT")]
-    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True))))
+    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), phase=2))
     # 4. RMSNorm + gate/up + SwiGLU.
     constants, groups = _gemv_constants(ffn, hidden, gate_up, 2)
     pointers = [("const T*", "x", "scratch + H_AT"), ("const uint32_t*", "w", "gate_up_w"), ("const T*", "scales", "gate_up_scales"),
                 ("const T*", "biases", "gate_up_biases"), ("const T*", "norm_weight", "post_norm"),
                 ("T*", "y", "MUTABLE(T, scratch) + ACTIVATED_AT")]
     phases.append(_scope(constants, pointers, groups,
-                         qgemv.body(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps)))
+                         qgemv.body(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps), phase=3))
     # 5. down + residual: the layer's output.
     constants, groups = _gemv_constants(hidden, ffn, down)
     pointers = [("const T*", "x", "scratch + ACTIVATED_AT"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "scratch + H_AT"), ("T*", "y", "x_out")]
-    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), sync=False))
+    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), sync=False,
+                         phase=4))
     prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims)
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
@@ -206,7 +243,13 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     layout = "".join(f"  constexpr long {name.upper()}_AT = {offset};\n" for name, offset in offsets.items())
     outputs = ("x_out",)
     body = layout + prefetch + "\n".join(phases)
-    return KernelSource(name, tuple(inputs), outputs, body, qgemv._HEADER["cuda"] + _header()), inputs
+    header = qgemv._HEADER["cuda"] + _header()
+    if TIMING:
+        marks_at = heads * attention_splits(heads) * (dims + 2) + heads
+        body = f"  constexpr int MARKS = {MARKS};\n  constexpr long MARKS_AT = {marks_at};\n" + _TIMING_START + body + _TIMING_END
+        header += _TIMING_HEADER
+        name += "_timed"
+    return KernelSource(name, tuple(inputs), outputs, body, header), inputs
 
 
 def scratch_offsets(qkv_rows: int, attended: int, hidden: int, ffn: int) -> dict[str, int]:
@@ -278,8 +321,9 @@ def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array
     heads, dims = attention.n_heads, attention.rope.dims
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
-    # The attention's parts, then one share counter per head (sdpa.merged_split_body).
-    return scratch(sizes["scratch_size"], dtype), scratch(heads * attention_splits(heads) * (dims + 2) + heads, mx.float32)
+    # The attention's parts, one share counter per head (sdpa.merged_split_body), then the marks.
+    parts = heads * attention_splits(heads) * (dims + 2) + heads + (2 * MARKS if TIMING else 0)
+    return scratch(sizes["scratch_size"], dtype), scratch(parts, mx.float32)
 
 
 def scratch(size: int, dtype: mx.Dtype) -> mx.array:
@@ -299,3 +343,11 @@ def reference_layer(kernels, x, attention, mlp, state, keys, values):
     out = kernels.attention(qkv, attention, state, keys, values)
     h = kernels.residual(out, attention.o_proj, x)
     return kernels.residual(kernels.swiglu(h, mlp), mlp.down_proj, h), keys, values
+
+
+def reset_scratch(buffer: mx.array) -> None:
+    """Put a zeroed buffer in `buffer`'s place (same size and dtype) for the next launches: the
+    timing marks (FOUNDRY_LAYER_TIMING=1) keep maxima across launches otherwise."""
+    key = (buffer.size, buffer.dtype)
+    _scratches[key] = mx.zeros((buffer.size,), dtype=buffer.dtype)
+    mx.eval(_scratches[key])
