@@ -33,6 +33,10 @@ class BenchConfig:
     decode_tokens: int = 128
     trials: int = 3
     seed: int = 0
+    # Free MLX's buffer cache before each timed run (every run then allocates its buffers afresh,
+    # as a process's first request does); False keeps them, as a server's later requests and
+    # llama-bench's repeated runs do.
+    clear_cache: bool = True
 
 
 @dataclass
@@ -107,9 +111,11 @@ def mlx_lm_engine(path: Path, weight_bytes: int, kv_bytes_per_position: int) -> 
     return Engine("mlx-lm", model, stream, weight_bytes, kv_bytes_per_position)
 
 
-def _timed_stream(engine: Engine, ids: list[int], max_tokens: int) -> tuple[float, float, int, float]:
+def _timed_stream(engine: Engine, ids: list[int], max_tokens: int,
+                  clear_cache: bool = True) -> tuple[float, float, int, float]:
     """(time to first token, time from first to last token, tokens, peak GB) of one run."""
-    mx.clear_cache()
+    if clear_cache:
+        mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
     first = last = None
@@ -138,17 +144,18 @@ def run(engines: list[Engine], config: BenchConfig, vocab_size: int, log: Callab
     log("warming up (first calls compile kernels)")
     for engine in engines:
         for length in config.prompt_lengths:
-            _timed_stream(engine, prompt[:length], 2)
+            _timed_stream(engine, prompt[:length], 2, config.clear_cache)
         for depth in config.depths:
-            _timed_stream(engine, prompt[: max(depth, 1)], 4)
+            _timed_stream(engine, prompt[: max(depth, 1)], 4, config.clear_cache)
     for trial in range(config.trials):
         for engine in engines:  # interleaved: every trial runs each engine once per setting
             for length in config.prompt_lengths:
-                ttft, _, _, peak = _timed_stream(engine, prompt[:length], 1)
+                ttft, _, _, peak = _timed_stream(engine, prompt[:length], 1, config.clear_cache)
                 record(engine, "prefill", length, length / ttft, ttft, peak)
                 log(f"trial {trial + 1} {engine.name:28s} prefill {length:5d}: {length / ttft:9.1f} tok/s")
             for depth in config.depths:
-                ttft, span, count, peak = _timed_stream(engine, prompt[: max(depth, 1)], config.decode_tokens + 1)
+                ttft, span, count, peak = _timed_stream(engine, prompt[: max(depth, 1)], config.decode_tokens + 1,
+                                                        config.clear_cache)
                 tps = (count - 1) / span
                 record(engine, "decode", depth, tps, ttft, peak)
                 log(f"trial {trial + 1} {engine.name:28s} decode @{depth:5d}: {tps:9.1f} tok/s")

@@ -40,9 +40,12 @@ def _step_name(fused) -> str:
               help="per-op: the compiled model-file step; fused: five kernels per layer, token on the device "
                    "(off by default on Metal: flip it here on a Mac and compare); layer: one launch per layer "
                    "(CUDA); auto: the defaults.")
+@click.option("--keep-buffers", is_flag=True,
+              help="Keep MLX's buffer cache between timed runs (as a server's later requests and llama-bench's "
+                   "repeated runs do) instead of freeing it before each, as a process's first request sees it.")
 @user_errors
 def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int, out_prefix: str | None,
-          decode_step: str, **options) -> None:
+          decode_step: str, keep_buffers: bool, **options) -> None:
     """Benchmark foundry-mlx against stock mlx-lm on identical weights.
 
     A GGUF model is converted (as `convert` does) into a temporary MLX directory for mlx-lm, so both
@@ -71,7 +74,7 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
     select_decode_step(decode_step)
     model, tokenizer, _ = _load(options)
     check_decode_step(decode_step, model, kernels.backend_name())
-    config = benchmark.BenchConfig(prompt_lengths, depths, decode_tokens, trials)
+    config = benchmark.BenchConfig(prompt_lengths, depths, decode_tokens, trials, clear_cache=not keep_buffers)
     limit = max(prompt_lengths + depths) + decode_tokens + 1
     if limit > model.config.max_position_embeddings:
         raise FoundryError(f"The longest run needs {limit} positions; the model's context is {model.config.max_position_embeddings}.")

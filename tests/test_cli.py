@@ -293,6 +293,21 @@ def test_bench_decode_step_per_op_runs_and_says_which(tiny_quantized, monkeypatc
     assert os.environ["FOUNDRY_FUSED"] == "0"
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_bench_keep_buffers_skips_freeing_mlx_buffers_between_runs(tiny_quantized, monkeypatch, keep, tmp_path):
+    import mlx.core as mx
+
+    _forget_decode_switches(monkeypatch)
+    freed = []
+    monkeypatch.setattr(mx, "clear_cache", lambda: freed.append(1))
+    args = ["--keep-buffers"] if keep else []
+    result = invoke("bench", "-m", str(tiny_quantized.path), "--engines", "foundry", "--prompt-lengths", "4",
+                    "--depths", "0", "--decode-tokens", "2", "--trials", "1", "--out", str(tmp_path / "b"), *args)
+    assert result.exit_code == 0, result.output
+    assert (len(freed) == 0) == keep  # one free before every warm-up and timed run otherwise
+    assert json.loads((tmp_path / "b.json").read_text())["meta"]["config"]["clear_cache"] is (not keep)
+
+
 @pytest.mark.parametrize("step, fused, layer", [("per-op", "0", None), ("fused", "1", "0"), ("layer", "1", "1"),
                                                 ("auto", None, None)])
 def test_select_decode_step_sets_the_switches(step, fused, layer, monkeypatch):

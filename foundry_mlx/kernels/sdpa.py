@@ -20,6 +20,7 @@ position past the end only masks its score), so the shuffles are never divergent
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 
@@ -198,7 +199,9 @@ def merged_split_body() -> str:
 
 
 MAX_SPLITS = 32
-TARGET_BLOCKS = 256  # about two blocks per SM of an H100/H200 (132 SMs)
+# Blocks the split attention aims for: about two per SM of an H100/H200 (132 SMs). A setting to
+# measure (FOUNDRY_ATTENTION_BLOCKS): more blocks put more positions' loads in flight at once.
+TARGET_BLOCKS = int(os.environ.get("FOUNDRY_ATTENTION_BLOCKS", "256"))
 
 
 def splits_for(heads: int, capacity: int, dims: int) -> int:
