@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from foundry_mlx import kernels  # noqa: E402
 from foundry_mlx.bench import machine_info  # noqa: E402
-from foundry_mlx.kernels import qgemv  # noqa: E402
+from foundry_mlx.kernels import qgemv, qgemv_launch  # noqa: E402
 from foundry_mlx.kernels.decode import KernelSet  # noqa: E402
 from foundry_mlx.quant import QuantizedWeight  # noqa: E402
 
@@ -136,7 +136,7 @@ def main() -> None:
     rows = []
     for name, variant, kwargs, parts in cases(dtype):
         weight = kwargs["weight"]
-        launch = qgemv.launch(variant, **kwargs)
+        launch = qgemv_launch.launch(variant, **kwargs)
         ours = time_per_call(lambda variant=variant, launch=launch: kernel_set._run(variant, launch))
         theirs = time_per_call(stock(name, kwargs, parts))
         gbytes = weight.nbytes / 1e9

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, sample, sdpa  # noqa: E402
+from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, qgemv_launch, sample, sdpa  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -117,7 +117,7 @@ def compile_batched(args, scratch: Path) -> bool:
                                         (qgemv.Variant(residual=True, fused=True), 896, 4864, 4),
                                         (qgemv.Variant(norm=True, swiglu=True, fused=True), 4864, 896, 5),
                                         (qgemv.Variant(norm=True, fused=True), 151936, 896, 6)):
-            constants, _ = qgemv.shape_constants(units, k, bits, 32)
+            constants, _ = qgemv_launch.shape_constants(units, k, bits, 32)
             columns = units if variant.swiglu else units * variant.rows_per_unit
             template = [("T", dtype), *constants.items(), ("HALF", 32), ("ROPE_ROWS", 1024), ("BATCH", 8),
                         ("Y_COLS", columns), ("STATE_STRIDE", 8), ("Q_ROWS", 896), ("KV_ROWS", 128), ("HEAD_DIM", 64),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from foundry_mlx.kernels import fused_layer, qgemv
+from foundry_mlx.kernels import fused_layer, qgemv, qgemv_launch
 
 # (hidden, ffn, heads, kv_heads, head_dim) of Qwen2.5-0.5B and -7B
 SHAPES = {"0.5b": (896, 4864, 14, 2, 64), "7b": (3584, 18944, 28, 4, 128)}
@@ -38,7 +38,7 @@ def test_each_phase_takes_few_rounds_of_the_blocks(shape, bits):
         # one round per block, or as many rows per SIMD-group as its registers allow
         assert groups <= fused_layer.BLOCKS or slots > fused_layer.MAX_SLOTS - rows_per_unit
         assert -(-groups // fused_layer.BLOCKS) <= 2
-        assert constants["WARPS_N"] * constants["WARPS_K"] == qgemv.WARPS
+        assert constants["WARPS_N"] * constants["WARPS_K"] == qgemv_launch.WARPS
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..layers import Linear, RoPE
-from . import qgemv, sdpa
+from . import qgemv, qgemv_launch, sdpa
 from .source import scalar
 
 
@@ -19,7 +19,7 @@ class KernelSet:
         self._kernels: dict[qgemv.Variant, object] = {}
         self._attention = None
 
-    def _run(self, variant: qgemv.Variant, launch: qgemv.Launch) -> mx.array:
+    def _run(self, variant: qgemv.Variant, launch: qgemv_launch.Launch) -> mx.array:
         kernel = self._kernels.get(variant)
         if kernel is None:
             kernel = self._kernels[variant] = qgemv.kernel_source(variant, self.backend).build(self.backend)
@@ -38,7 +38,7 @@ class KernelSet:
         variant = qgemv.Variant(
             norm=norm_weight is not None, bias="bias" in layer, residual=residual is not None, swiglu=swiglu
         )
-        launch = qgemv.launch(variant, x, layer.quantized, norm_weight=norm_weight, eps=eps,
+        launch = qgemv_launch.launch(variant, x, layer.quantized, norm_weight=norm_weight, eps=eps,
                               bias=layer.bias if variant.bias else None, residual=residual)
         return self._run(variant, launch).reshape(1, 1, -1)
 
@@ -48,7 +48,7 @@ class KernelSet:
     ) -> mx.array:
         """RMSNorm + fused QKV projection + biases + RoPE on the Q and K rows, one kernel: (1, 1, N)."""
         variant = qgemv.Variant(norm=True, bias="bias" in qkv, rope=True)
-        launch = qgemv.launch(
+        launch = qgemv_launch.launch(
             variant, x, qkv.quantized, norm_weight=norm_weight, eps=eps,
             bias=qkv.bias if variant.bias else None, inv_freq=rope.inverse_frequencies, position=offset,
             rope_rows=(n_heads + n_kv_heads) * rope.dims, head_dim=rope.dims,

@@ -41,7 +41,7 @@ import os
 
 import mlx.core as mx
 
-from . import qgemv, sdpa
+from . import qgemv, qgemv_launch, sdpa
 from .source import KernelSource, literal_tag
 
 # Blocks of the launch (every one resident at once, or the barrier cannot complete) and the
@@ -77,7 +77,7 @@ _TIMING_END = """  if (blockIdx.x == 0 && threadIdx.x == 0) {
     foundry_marks[MARKS - 1] = (unsigned int)(clock64() - foundry_start);
   }
 """
-WARPS = qgemv.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
+WARPS = qgemv_launch.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
 
 def _header() -> str:
     """The barrier and prefetch helpers; SYNC_SLEEP_NS is how long a waiting block sleeps between
@@ -170,7 +170,7 @@ def _gemv_constants(units: int, k: int, layer, rows_per_unit: int = 1) -> tuple[
     rows per SIMD-group) gate/up took ~10 rounds per block, each renormalising x and waiting on
     its own loads, and the layer kernel spent ~43 µs per layer on the GPU against the five
     kernels' ~23. More rows per SIMD-group put all of a block's loads in flight at once."""
-    constants, _ = qgemv.shape_constants(units, k, layer.bits, layer.group_size)
+    constants, _ = qgemv_launch.shape_constants(units, k, layer.bits, layer.group_size)
     rows = max(constants["ROWS"], -(-units // (BLOCKS * constants["WARPS_N"])))
     constants["ROWS"] = min(rows, MAX_SLOTS // rows_per_unit)
     return constants, -(-units // (constants["WARPS_N"] * constants["ROWS"]))

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..quant import QuantizedWeight
 from . import qgemm_dense, qgemm_source, qgemm_table
-from .qgemv import Launch
+from .qgemv_launch import Launch
 
 DTYPES = (mx.float16, mx.bfloat16)
 GROUP_SIZES = (32, 64, 128)

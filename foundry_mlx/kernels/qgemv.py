@@ -20,7 +20,8 @@ each of its rows unpacks the `BITS`-bit integers from the little-endian bit stre
 accumulates `scale·(q·x) + bias·Σx` per block (the affine identity, so the weights are never
 dequantized). A SIMD-sum reduces the lanes; lane 0 applies the epilogue. Accumulation is in
 float32 whatever T is; values are rounded to T where the reference path rounds them (after the
-norm, after the matmul), so the kernels and `reference` agree to T's precision.
+norm, after the matmul), so the kernels and `reference` agree to T's precision. How a shape is
+laid out over threadgroups, and the arguments of a call: kernels/qgemv_launch.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from .source import KernelSource, float_literal, literal_tag, scalar
+from .source import KernelSource, float_literal, literal_tag
 
 
 @dataclass(frozen=True)
@@ -317,101 +318,7 @@ def runtime_capacity(variant: Variant) -> str:
     return "  const int S = k_cache_shape[2];\n" if variant.rope and variant.fused else ""
 
 
-WARPS = 8  # SIMD-groups per threadgroup
 MAX_STAGED_BYTES = 32768  # Metal's threadgroup memory; the normalised x is staged there
-TARGET_WARPS = 8192  # enough SIMD-groups in flight to cover memory latency on a large GPU
-
-
-def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
-    """(rows per SIMD-group, SIMD-groups along N, SIMD-groups along K) for one launch.
-
-    Many units: two per SIMD-group (x is loaded once for both). Few units with a long K (the down
-    projection: 896 rows of 4864): split K over the threadgroup's SIMD-groups, so that enough of
-    them run at once to hide memory latency; they add their partial sums through shared memory.
-    """
-    rows = 2 if units >= 16384 else 1
-    steps = -(-k // (32 * chunk(bits)))
-    split = 1
-    while split < WARPS and split * 2 <= steps and -(-units // rows) * split < TARGET_WARPS:
-        split *= 2
-    return rows, WARPS // split, split
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Everything an MLX custom-kernel call needs besides the kernel object."""
-
-    inputs: list
-    template: list
-    grid: tuple[int, int, int]
-    threadgroup: tuple[int, int, int]
-    output_shape: tuple[int, ...]
-    output_dtype: mx.Dtype
-
-    def arguments(self) -> dict:
-        """The keyword arguments of the kernel object's call."""
-        return dict(inputs=self.inputs, template=self.template, grid=self.grid, threadgroup=self.threadgroup,
-                    output_shapes=[self.output_shape], output_dtypes=[self.output_dtype])
-
-
-def shape_constants(units: int, k: int, bits: int, group_size: int) -> tuple[dict[str, int], int]:
-    """The shape's template constants and the threadgroups that cover its units: one place for the
-    geometry → template mapping (the per-kernel launch and the layer kernel's phases both use it)."""
-    rows, warps_n, warps_k = geometry(units, k, bits)
-    constants = dict(BITS=bits, GROUP=group_size, K=k, UNITS=units, ROWS=rows, WARPS_N=warps_n, WARPS_K=warps_k,
-                     CHUNK=chunk(bits))
-    return constants, -(-units // (warps_n * rows))
-
-
-def launch(
-    variant: Variant,
-    x: mx.array,
-    weight: QuantizedWeight,
-    norm_weight: mx.array | None = None,
-    eps: float | None = None,
-    bias: mx.array | None = None,
-    residual: mx.array | None = None,
-    inv_freq: mx.array | None = None,
-    position: int | mx.array | None = None,
-    rope_rows: int = 0,
-    head_dim: int = 0,
-    state: mx.array | None = None,
-    k_cache: mx.array | None = None,
-    v_cache: mx.array | None = None,
-) -> Launch:
-    """Arguments for one call on a single token `x` (any shape with K elements). The fused RoPE
-    variant takes `state` (position at [0]) and the layer's cache buffers (1, kv_heads, S, D)."""
-    n_rows, k = weight.shape
-    if k % 32 or k % weight.group_size or x.size != k:
-        raise ValueError(f"GEMV needs K a multiple of 32 and of the group; got K={k}, x of {x.size}")
-    dtype = x.dtype
-    inputs = [x if x.ndim == 1 else x.reshape(-1), weight.weight, weight.scales, weight.biases]
-    if variant.norm:
-        inputs += [norm_weight] if variant.fused else [norm_weight, scalar(eps, mx.float32)]
-    if variant.bias:
-        inputs.append(bias)
-    if variant.residual:
-        inputs.append(residual if residual.ndim == 1 else residual.reshape(-1))
-    half = head_dim // 2
-    cache_template = []
-    if variant.rope:
-        inv_freq = inv_freq if inv_freq.dtype == mx.float32 else inv_freq.astype(mx.float32)
-        if variant.fused:
-            kv_heads = k_cache.shape[1]
-            inputs += [inv_freq, state, k_cache, v_cache]
-            cache_template = [("Q_ROWS", rope_rows - kv_heads * head_dim), ("KV_ROWS", kv_heads * head_dim),
-                              ("HEAD_DIM", head_dim)]
-        else:
-            index = position if isinstance(position, mx.array) else scalar(position, mx.int32)
-            inputs += [inv_freq, index]
-    units = n_rows // variant.rows_per_unit
-    if variant.norm and k * dtype.size > MAX_STAGED_BYTES:
-        raise ValueError(f"K={k} is too wide to stage in shared memory; use the reference path")
-    constants, groups = shape_constants(units, k, weight.bits, weight.group_size)
-    template = [("T", dtype), *constants.items(), ("HALF", max(half, 1)), ("ROPE_ROWS", rope_rows)] + cache_template
-    out = (units,) if variant.swiglu else (n_rows,)
-    threads = WARPS * 32
-    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), out, dtype)
 
 
 def reference(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from . import qgemv
+from . import qgemv, qgemv_launch
 from .source import KernelSource, float_literal, literal_tag
 
 STATE_STRIDE = 8  # int32s per row of the step's state (kernels/sample.py)
@@ -230,7 +230,7 @@ def launch(
     state: mx.array | None = None,
     k_cache: mx.array | None = None,
     v_cache: mx.array | None = None,
-) -> qgemv.Launch:
+) -> qgemv_launch.Launch:
     """Arguments for one call on B rows: x (B, K); residual (B, N); state (B, 8); the caches
     (B, kv_heads, S, D). The output is (B, N), or (B, N / 2) for SwiGLU."""
     n_rows, k = weight.shape
@@ -250,7 +250,7 @@ def launch(
                           ("HEAD_DIM", head_dim)]
     units = n_rows // variant.rows_per_unit
     columns = units if variant.swiglu else n_rows
-    constants, groups = qgemv.shape_constants(units, k, weight.bits, weight.group_size)
+    constants, groups = qgemv_launch.shape_constants(units, k, weight.bits, weight.group_size)
     if batch > 1 and constants["ROWS"] > 1:
         # One row per SIMD-group: x is reloaded per row anyway, and two rows' B sums each would hold
         # 2·B accumulators per lane (the LM head at B = 8: 196 registers, against 80 with one row).
@@ -260,5 +260,5 @@ def launch(
                 ("BATCH", batch), ("Y_COLS", columns), ("STATE_STRIDE", STATE_STRIDE)] + cache_template
     if variant.norm:  # stage the B normalised rows in shared memory where they fit
         template.append(("STAGE", batch * k * x.dtype.size <= STAGED_BYTES))
-    threads = qgemv.WARPS * 32
-    return qgemv.Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (batch, columns), x.dtype)
+    threads = qgemv_launch.WARPS * 32
+    return qgemv_launch.Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (batch, columns), x.dtype)

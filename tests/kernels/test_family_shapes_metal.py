@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from foundry_mlx.kernels import qgemv, sdpa
+from foundry_mlx.kernels import qgemv, qgemv_launch, sdpa
 
 from .metal_runs import run_source, sampled_rows
 from .qgemv_cases import Case, compare, make_inputs, reference_inputs
@@ -37,7 +37,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_metal_gemv_at_family_shapes(case):
     kwargs = make_inputs(case)
-    launch = qgemv.launch(case.variant, **kwargs)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
     (output,) = run_source(qgemv.kernel_source(case.variant, "metal"), launch.arguments(), groups=case.sample_groups)
     rows = None

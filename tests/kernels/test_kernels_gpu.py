@@ -12,7 +12,7 @@ import pytest
 
 from foundry_mlx import kernels
 from foundry_mlx.engine.generate import stream_generate
-from foundry_mlx.kernels import qgemv
+from foundry_mlx.kernels import qgemv, qgemv_launch
 from foundry_mlx.kernels.decode import KernelSet
 
 from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
@@ -28,7 +28,7 @@ def kernel_set():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_gpu_gemv_matches_reference(kernel_set, case):
     kwargs = make_inputs(case)
-    launch = qgemv.launch(case.variant, **kwargs)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
     ours = kernel_set._run(case.variant, launch)
     reference = qgemv.reference(case.variant, **reference_inputs(kwargs))
     compare(case, np.array(ours.astype(mx.float32)), np.array(reference))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from foundry_mlx.kernels import qgemv
+from foundry_mlx.kernels import qgemv, qgemv_launch
 from foundry_mlx.kernels.metal_sim import bfloat16_to_float32, run_metal_kernel
 
 from .metal_runs import run_source, sampled_rows, to_numpy
@@ -15,7 +15,7 @@ from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_metal_gemv_matches_reference(case):
     kwargs = make_inputs(case)
-    launch = qgemv.launch(case.variant, **kwargs)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
     (output,) = run_source(qgemv.kernel_source(case.variant, "metal"), launch.arguments(), groups=case.sample_groups)
     output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
@@ -29,7 +29,7 @@ def test_harness_catches_a_wrong_kernel():
     """The comparison is not vacuous: a kernel that drops the bias term of the affine identity fails."""
     case = CASES[-4]  # a small one
     kwargs = make_inputs(case)
-    launch = qgemv.launch(case.variant, **kwargs)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **kwargs))
     header, source = qgemv.kernel_source(case.variant, "metal").launch_text("metal")
     broken = source.replace("+ static_cast<float>(biases[g]) * x_sum", "")
