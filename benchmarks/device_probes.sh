@@ -16,7 +16,7 @@ for quant in 4bit; do
       --out /tmp/random-$shape-$quant >/dev/null || exit 4
   done
 done
-timeout 120 python3 benchmarks/layer_timing.py /tmp/random-qwen2.5-0.5b-4bit --depths 0,2048 2>&1 | grep -v "^{" \
+timeout 120 python3 benchmarks/layer_timing.py /tmp/random-qwen2.5-0.5b-4bit --depths 0,2048 2>&1 \
   | tee $R/h200-layer-timing.txt
 for blocks in 256 1024; do
   echo "== 7B decode, FOUNDRY_ATTENTION_BLOCKS=$blocks"
