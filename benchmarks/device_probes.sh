@@ -5,11 +5,20 @@
 # 2. Whether more blocks unblock the 7B's split attention at depth 2048 (FOUNDRY_ATTENTION_BLOCKS).
 # 3. How much of a short prefill is buffer allocation: `bench` freeing MLX's buffers before each
 #    run (the default) vs --keep-buffers, 0.5B and 7B at 128 and 512 tokens.
+# KERNELS=1 instead: the GEMV kernels against MLX's ops at two FOUNDRY_GEMV_TARGET_WARPS values
+#    (how far K is split: the 7B o_proj ran at 0.71x MLX), nothing else.
 set -o pipefail
 bash .device/b/install.sh || exit 3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
 R=/tmp/results-probes; mkdir -p $R
 trap 'tar czf "$OUT/results.tgz" -C $R .' EXIT
+if [ -n "$KERNELS" ]; then
+  for target in 8192 2048; do
+    FOUNDRY_GEMV_TARGET_WARPS=$target timeout 200 python3 benchmarks/kernels_bench.py \
+      --out $R/h200-kernels-target$target 2>&1 | tail -8
+  done
+  exit 0
+fi
 for quant in 4bit; do
   for shape in qwen2.5-0.5b qwen2.5-7b; do
     [ -d /tmp/random-$shape-$quant ] || python3 scripts/make_random_model.py --shape $shape --quant $quant \

@@ -4,6 +4,7 @@ source these fill in is kernels/qgemv.py; the batched form's launch is kernels/q
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -13,7 +14,11 @@ from .qgemv import MAX_STAGED_BYTES, Variant, chunk
 from .source import scalar
 
 WARPS = 8  # SIMD-groups per threadgroup
-TARGET_WARPS = 8192  # enough SIMD-groups in flight to cover memory latency on a large GPU
+# Enough SIMD-groups in flight to cover memory latency on a large GPU: K is split over a
+# threadgroup's SIMD-groups until a launch has this many. A setting to measure
+# (FOUNDRY_GEMV_TARGET_WARPS): on the H200 the 7B o_proj (3,584 × 3,584, K split 4 ways over 1,792
+# threadgroups) ran at 0.71× MLX's quantized_matmul + add (h200-kernels-e2a593b.md).
+TARGET_WARPS = int(os.environ.get("FOUNDRY_GEMV_TARGET_WARPS", "8192"))
 
 
 def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
