@@ -23,6 +23,16 @@ class _Linear:
         return False
 
 
+def _half_b_layer():
+    """(attention, mlp) stand-ins of a 4-bit Qwen2.5-0.5B layer: what `layer_source` reads."""
+    hidden, ffn, heads, kv_heads, dims = SHAPES["0.5b"]
+    attention = SimpleNamespace(qkv_proj=_Linear((heads + 2 * kv_heads) * dims, hidden, 4),
+                                o_proj=_Linear(hidden, heads * dims, 4), n_heads=heads, n_kv_heads=kv_heads,
+                                rope=SimpleNamespace(dims=dims), eps=1e-6, scale=dims ** -0.5)
+    mlp = SimpleNamespace(gate_up_proj=_Linear(2 * ffn, hidden, 4), down_proj=_Linear(hidden, ffn, 4), eps=1e-6)
+    return attention, mlp
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_each_phase_takes_few_rounds_of_the_blocks(shape, bits):
@@ -60,11 +70,8 @@ def test_attention_shares_fill_the_blocks(heads):
 
 
 def test_the_layer_source_names_each_phase_and_writes_one_output():
-    hidden, ffn, heads, kv_heads, dims = SHAPES["0.5b"]
-    attention = SimpleNamespace(qkv_proj=_Linear((heads + 2 * kv_heads) * dims, hidden, 4),
-                                o_proj=_Linear(hidden, heads * dims, 4), n_heads=heads, n_kv_heads=kv_heads,
-                                rope=SimpleNamespace(dims=dims), eps=1e-6, scale=dims ** -0.5)
-    mlp = SimpleNamespace(gate_up_proj=_Linear(2 * ffn, hidden, 4), down_proj=_Linear(hidden, ffn, 4), eps=1e-6)
+    attention, mlp = _half_b_layer()
+    heads, dims = attention.n_heads, attention.rope.dims
     source, inputs = fused_layer.layer_source(attention, mlp)
     assert source.output_names == ("x_out",)
     assert "scratch" in inputs and "attn_parts" in inputs
@@ -151,11 +158,8 @@ def test_metal_never_takes_the_layer_kernel(switch, monkeypatch):
 def test_timing_marks_every_phase_end_and_barrier_only_when_asked(monkeypatch):
     """FOUNDRY_LAYER_TIMING=1 (benchmarks/layer_timing.py): a clock mark after each phase's body
     and each barrier, stored after the attention's parts and counters; off, none of it."""
-    hidden, ffn, heads, kv_heads, dims = SHAPES["0.5b"]
-    attention = SimpleNamespace(qkv_proj=_Linear((heads + 2 * kv_heads) * dims, hidden, 4),
-                                o_proj=_Linear(hidden, heads * dims, 4), n_heads=heads, n_kv_heads=kv_heads,
-                                rope=SimpleNamespace(dims=dims), eps=1e-6, scale=dims ** -0.5)
-    mlp = SimpleNamespace(gate_up_proj=_Linear(2 * ffn, hidden, 4), down_proj=_Linear(hidden, ffn, 4), eps=1e-6)
+    attention, mlp = _half_b_layer()
+    heads, dims = attention.n_heads, attention.rope.dims
     plain, _ = fused_layer.layer_source(attention, mlp)
     assert "foundry_mark" not in plain.body + plain.header
     monkeypatch.setattr(fused_layer, "TIMING", True)
