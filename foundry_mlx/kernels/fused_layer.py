@@ -42,7 +42,7 @@ import os
 import mlx.core as mx
 
 from . import qgemv, qgemv_launch, sdpa
-from .source import KernelSource, literal_tag
+from .source import KernelSource, literal_tag, rewritten
 
 # Blocks of the launch (every one resident at once, or the barrier cannot complete) and the
 # barrier's poll interval: settings to measure, FOUNDRY_LAYER_BLOCKS / FOUNDRY_SYNC_SLEEP_NS.
@@ -79,11 +79,12 @@ _TIMING_END = """  if (blockIdx.x == 0 && threadIdx.x == 0) {
 """
 WARPS = qgemv_launch.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
 
+
 def _header() -> str:
     """The barrier and prefetch helpers; SYNC_SLEEP_NS is how long a waiting block sleeps between
     polls of the barrier's generation (0: it spins)."""
     sleep = f"__nanosleep({SYNC_SLEEP_NS})" if SYNC_SLEEP_NS else "(void)0"
-    return _HEADER.replace("__nanosleep(256)", sleep)
+    return rewritten(_HEADER, (("__nanosleep(256)", sleep),), once=True)
 
 
 _HEADER = """
@@ -206,7 +207,7 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
                 ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT"),
                 ("unsigned int*", "shares_done",
-                 f"reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + {heads * splits * (dims + 2)})")]
+                 f"reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + {sdpa.counters_at(heads, splits, dims)})")]
     phases.append(_scope(constants, pointers, heads * splits, body, phase=1))
     # 3. o_proj + residual (the layer's input).
     constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
@@ -245,7 +246,7 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     body = layout + prefetch + "\n".join(phases)
     header = qgemv._HEADER["cuda"] + _header()
     if TIMING:
-        marks_at = heads * attention_splits(heads) * (dims + 2) + heads
+        marks_at = sdpa.parts_size(heads, dims, splits)  # after the attention's parts and counters
         body = f"  constexpr int MARKS = {MARKS};\n  constexpr long MARKS_AT = {marks_at};\n" + _TIMING_START + body + _TIMING_END
         header += _TIMING_HEADER
         name += "_timed"
@@ -322,7 +323,7 @@ def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
     # The attention's parts, one share counter per head (sdpa.merged_split_body), then the marks.
-    parts = heads * attention_splits(heads) * (dims + 2) + heads + (2 * MARKS if TIMING else 0)
+    parts = sdpa.parts_size(heads, dims, attention_splits(heads)) + (2 * MARKS if TIMING else 0)
     return scratch(sizes["scratch_size"], dtype), scratch(parts, mx.float32)
 
 

@@ -204,7 +204,7 @@ MAX_SPLITS = 32
 TARGET_BLOCKS = int(os.environ.get("FOUNDRY_ATTENTION_BLOCKS", "256"))
 
 
-def splits_for(heads: int, capacity: int, dims: int) -> int:
+def splits_for(heads: int, capacity: int) -> int:
     """Shares per head for the split attention: enough blocks to fill the GPU, none smaller than
     64 positions of the buffer (a share's fixed cost is a block's launch and one merge read)."""
     return max(1, min(MAX_SPLITS, TARGET_BLOCKS // heads, capacity // 64))
@@ -265,7 +265,7 @@ def split_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, stat
     _, kv_heads, capacity, dims = keys.shape
     if heads > MAX_HEADS:
         raise ValueError(f"the split attention kernel takes at most {MAX_HEADS} heads; got {heads}")
-    splits, warps = splits_for(heads, capacity, dims), split_warps(dims)
+    splits, warps = splits_for(heads, capacity), split_warps(dims)
     return dict(
         inputs=[qkv, keys, values, state, parts],
         template=[("T", qkv.dtype), ("D", dims), ("HEADS", heads), ("KV_HEADS", kv_heads), ("WARPS", warps)],
@@ -276,10 +276,16 @@ def split_launch_arguments(qkv: mx.array, keys: mx.array, values: mx.array, stat
     )
 
 
-def parts_size(heads: int, dims: int) -> int:
-    """Floats of the split attention's `parts` scratch (every split count up to MAX_SPLITS), then
-    one counter per head."""
-    return heads * MAX_SPLITS * (dims + 2) + heads
+def counters_at(heads: int, splits: int, dims: int) -> int:
+    """Where a split attention's share counters start in its float32 scratch: after the heads ×
+    splits partial results of D + 2 floats (`split_source` computes the same with MAX_SPLITS)."""
+    return heads * splits * (dims + 2)
+
+
+def parts_size(heads: int, dims: int, splits: int = MAX_SPLITS) -> int:
+    """Floats of a split attention's scratch: the partial results for `splits` shares per head
+    (`split_source` takes every split count up to MAX_SPLITS), then one counter per head."""
+    return counters_at(heads, splits, dims) + heads
 
 
 # The batched form: threadgroup g is (row g / HEADS, head g % HEADS); row b's query is in row b of

@@ -88,7 +88,7 @@ def test_gpu_split_attention_with_last_share_merge_matches_mlx(dtype):
 
 @pytest.mark.parametrize("heads, capacity", [(14, 256), (14, 4096), (28, 2304), (64, 8192), (2, 64)])
 def test_split_counts_fill_the_gpu_without_tiny_shares(heads, capacity):
-    splits = sdpa.splits_for(heads, capacity, 64)
+    splits = sdpa.splits_for(heads, capacity)
     assert 1 <= splits <= sdpa.MAX_SPLITS
     assert heads * splits <= max(sdpa.TARGET_BLOCKS, heads)
     assert splits == 1 or capacity // splits >= 64
