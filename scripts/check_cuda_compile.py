@@ -62,9 +62,12 @@ def _compile(args, scratch: Path, label: str, name: str, source, types: dict, ou
                            template)
     path = scratch / f"{name}.cu"
     path.write_text(text)
+    info = ["-Xptxas", "-v"] if args.ptxas_info else []
     result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null", f"-I{args.mlx_source}",
-                             str(path)], capture_output=True, text=True)
+                             *info, str(path)], capture_output=True, text=True)
     print(f"{'ok' if result.returncode == 0 else 'FAILED':6s} {label}")
+    if args.ptxas_info:  # registers, spills and shared memory per kernel
+        print("\n".join(line for line in result.stderr.splitlines() if "Used" in line or "spill" in line))
     if result.returncode:
         print(result.stderr[-3000:])
     return result.returncode != 0
@@ -146,7 +149,7 @@ def compile_batched(args, scratch: Path) -> bool:
 
 class _Linear:
     def __init__(self, rows, columns, bits, bias=False):
-        self.out_features, self.in_features, self.bits, self.group_size = rows, columns, bits, 32
+        self.out_features, self.in_features, self.bits, self.group_size = rows, columns, bits, 64
         self._bias = bias
 
     def __contains__(self, name):
@@ -197,7 +200,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mlx-source", required=True, type=Path)
     parser.add_argument("--nvcc", default="nvcc")
-    parser.add_argument("--only", choices=["qgemm", "layer"], help="compile only this kernel family")
+    parser.add_argument("--only", choices=["qgemm", "layer", "fused"], help="compile only this kernel family")
+    parser.add_argument("--ptxas-info", action="store_true", help="print each kernel's registers and spills")
     args = parser.parse_args()
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
@@ -205,6 +209,8 @@ def main() -> int:
             return 1 if compile_qgemm(args, Path(scratch)) else 0
         if args.only == "layer":
             return 1 if compile_layer(args, Path(scratch)) else 0
+        if args.only == "fused":  # the fused step's kernels, the layer kernel and their batched forms
+            return 1 if compile_fused(args, Path(scratch)) else 0
         for dtype in ("float16", "float32"):
             header, body = sdpa.SOURCE.launch_text("cuda")
             types = {"q": dtype, "keys": dtype, "values": dtype, "valid": "int32", "softmax_scale": "float32"}

@@ -52,6 +52,10 @@ SYNC_SLEEP_NS = int(os.environ.get("FOUNDRY_SYNC_SLEEP_NS", "256"))
 # barrier (benchmarks/layer_timing.py reads them): where a layer's device time goes. Off, the
 # source carries none of it.
 TIMING = os.environ.get("FOUNDRY_LAYER_TIMING", "") == "1"
+# GEMV phases load their weights into registers before the barrier they wait on
+# (qgemv.preloaded_body), up to this many registers per thread; FOUNDRY_LAYER_PRELOAD=0 turns it off.
+PRELOAD = os.environ.get("FOUNDRY_LAYER_PRELOAD", "1") != "0"
+PRELOAD_REGISTERS = 96
 PHASES = 5
 MARKS = 2 * PHASES + 2  # per phase: body done, barrier passed; then the kernel's ns and cycles (block 0)
 _TIMING_HEADER = """
@@ -88,21 +92,22 @@ def _header() -> str:
 
 
 _HEADER = """
-__device__ unsigned int foundry_sync_count = 0;
-__device__ unsigned int foundry_sync_generation = 0;
+// Arrivals at grid barriers since the module loaded: one atomic per block and barrier, never reset.
+// Every launch has the same grid and every block passes the same barriers, so barrier n of the
+// process completes when the count reaches (n + 1) * gridDim.x; a block learns n from the value
+// its own arrival returns. (The first version kept a count and a generation: four dependent
+// atomics on the last block's path, ~1.9 µs per barrier by the H200's timing marks.) 64 bits:
+// no wrap in practice, whatever the grid.
+__device__ unsigned long long foundry_sync_arrived = 0ull;
 __device__ __forceinline__ void foundry_grid_sync() {
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned int generation = atomicAdd(&foundry_sync_generation, 0u);
     __threadfence();
-    if (atomicAdd(&foundry_sync_count, 1u) == gridDim.x - 1u) {
-      atomicExch(&foundry_sync_count, 0u);
-      __threadfence();
-      atomicAdd(&foundry_sync_generation, 1u);
-    } else {
-      unsigned int spins = 0;
-      while (atomicAdd(&foundry_sync_generation, 0u) == generation && ++spins < (1u << 22)) __nanosleep(256);
-    }
+    const unsigned long long arrived = atomicAdd(&foundry_sync_arrived, 1ull);
+    const unsigned long long target = (arrived / gridDim.x + 1ull) * gridDim.x;
+    unsigned int spins = 0;
+    while (*reinterpret_cast<volatile unsigned long long*>(&foundry_sync_arrived) < target && ++spins < (1u << 22))
+      __nanosleep(256);
     __threadfence();
   }
   __syncthreads();
@@ -123,27 +128,46 @@ def _mark(k: int) -> str:
     return f"  foundry_mark(foundry_marks, {k}, MARKS, foundry_start);" if TIMING else ""
 
 
-def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, body: str, sync: bool = True,
-           phase: int = 0) -> str:
-    """A phase: its template constants and input/output names bound in a scope of its own, its
-    body run for each virtual threadgroup this block owns, then a grid-wide barrier."""
+def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, body: str, phase: int,
+           preload: str = "", before_wait: str = "") -> str:
+    """Phase `phase`: its template constants and input/output names bound in a scope of its own; then
+    (from the second phase on) the grid-wide barrier that waits for the previous phase; then its
+    body, run for each virtual threadgroup this block owns. A phase with a `preload` (a GEMV's
+    weight loads, qgemv.preloaded_body) runs in one round of the blocks (virtual threadgroup =
+    block) and issues those loads before the barrier, followed by `before_wait`."""
     lines = ["  {"]
     # A string value is a run-time expression (the cache capacity, from the cache's shape).
     lines += [f"    const int {name} = {value};" if isinstance(value, str) else f"    constexpr int {name} = {int(value)};"
               for name, value in constants.items()]
     lines += [f"    {kind} {name} = {source};" for kind, name, source in pointers]
-    lines.append(f"    for (unsigned int virtual_group = blockIdx.x; virtual_group < {groups}u; virtual_group += gridDim.x) {{")
-    lines.append("      const unsigned int group_id = virtual_group;")
-    lines.append(body)
-    # Shared memory is reused by this block's next virtual threadgroup: let every warp finish first.
+    if preload:
+        lines += ["    const unsigned int group_id = blockIdx.x;", preload]
+    lines.append(before_wait)
+    if phase > 0:
+        lines.append("  foundry_grid_sync();")
+        lines.append(_mark(2 * phase - 1))
+    if preload:
+        lines += [f"    if (group_id < {groups}u) {{", body, "    }"]
+    else:
+        lines.append(f"    for (unsigned int virtual_group = blockIdx.x; virtual_group < {groups}u; virtual_group += gridDim.x) {{")
+        lines.append("      const unsigned int group_id = virtual_group;")
+        lines.append(body)
+        lines.append("    }")
+    # Shared memory is reused by this block's next virtual threadgroup or phase: let every warp finish first.
     lines.append("      BARRIER();")
-    lines.append("    }")
     lines.append("  }")
     lines.append(_mark(2 * phase))
-    if sync:
-        lines.append("  foundry_grid_sync();")
-        lines.append(_mark(2 * phase + 1))
     return "\n".join(line for line in lines if line)
+
+
+def _gemv_phase(variant, eps, constants: dict, pointers: list, groups: int, phase: int, slots_k: tuple[int, int],
+                before_wait: str = "") -> str:
+    """A GEMV phase, with its weights loaded before the barrier where they fit in registers
+    (PRELOAD_REGISTERS) and the phase takes one round of the blocks; the loop form otherwise."""
+    if PRELOAD and groups <= BLOCKS and qgemv.preload_registers(*slots_k, constants) <= PRELOAD_REGISTERS:
+        load, compute = qgemv.preloaded_body(variant, eps)
+        return _scope(constants, pointers, groups, compute, phase, preload=load, before_wait=before_wait)
+    return _scope(constants, pointers, groups, qgemv.body(variant, eps), phase, before_wait=before_wait)
 
 
 # The layer kernel is chosen for models whose layers' weights fit in L2 several times over: it
@@ -195,8 +219,9 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
                 ("T*", "y", "MUTABLE(T, scratch)")]
     if has_bias:
         pointers.append(("const T*", "bias", "qkv_bias"))
-    phases.append(_scope(constants, pointers, groups,
-                         qgemv.body(variant, attention.eps)))
+    prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims)
+    phases.append(_gemv_phase(variant, attention.eps, constants, pointers, groups, 0, (constants["ROWS"] * 2, hidden),
+                              before_wait=prefetch))
     # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
     # split into SPLITS shares (one virtual threadgroup each).
     splits = attention_splits(heads)
@@ -214,21 +239,21 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     # `residual` first: it names the layer's input before `x` is rebound to the attention output.
     pointers = [("const T*", "residual", "x"), ("const T*", "x", "scratch + ATTENDED_AT"), ("const uint32_t*", "w", "o_w"),
                 ("const T*", "scales", "o_scales"), ("const T*", "biases", "o_biases"), ("T*", "y", "MUTABLE(T, scratch) + H_AT")]
-    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), phase=2))
+    phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 2,
+                              (constants["ROWS"], heads * dims)))
     # 4. RMSNorm + gate/up + SwiGLU.
     constants, groups = _gemv_constants(ffn, hidden, gate_up, 2)
     pointers = [("const T*", "x", "scratch + H_AT"), ("const uint32_t*", "w", "gate_up_w"), ("const T*", "scales", "gate_up_scales"),
                 ("const T*", "biases", "gate_up_biases"), ("const T*", "norm_weight", "post_norm"),
                 ("T*", "y", "MUTABLE(T, scratch) + ACTIVATED_AT")]
-    phases.append(_scope(constants, pointers, groups,
-                         qgemv.body(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps), phase=3))
+    phases.append(_gemv_phase(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps, constants, pointers, groups, 3,
+                              (constants["ROWS"] * 2, hidden)))
     # 5. down + residual: the layer's output.
     constants, groups = _gemv_constants(hidden, ffn, down)
     pointers = [("const T*", "x", "scratch + ACTIVATED_AT"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "scratch + H_AT"), ("T*", "y", "x_out")]
-    phases.append(_scope(constants, pointers, groups, qgemv.body(qgemv.Variant(residual=True, fused=True)), sync=False,
-                         phase=4))
-    prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims)
+    phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 4,
+                              (constants["ROWS"], ffn)))
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases",
@@ -243,7 +268,7 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     offsets = scratch_offsets(qkv.out_features, heads * dims, hidden, ffn)
     layout = "".join(f"  constexpr long {name.upper()}_AT = {offset};\n" for name, offset in offsets.items())
     outputs = ("x_out",)
-    body = layout + prefetch + "\n".join(phases)
+    body = layout + "\n".join(phases)
     header = qgemv._HEADER["cuda"] + _header()
     if TIMING:
         marks_at = sdpa.parts_size(heads, dims, splits)  # after the attention's parts and counters

@@ -218,12 +218,11 @@ def constants(rows_per_unit: int, per_row: str = "") -> str:
   SHARED float k_partial[WARPS_K * WARPS_N * SLOTS{per_row}];"""
 
 
-def body(variant: Variant, eps: float | None = None) -> str:
-    rows_per_unit = variant.rows_per_unit
-    stage = ""
-    x_source = "x"
-    if variant.norm:
-        stage = """
+def _norm_stage(variant: Variant, eps: float | None) -> tuple[str, str]:
+    """The RMSNorm prologue of a norm variant (empty otherwise) and the name x is read from."""
+    if not variant.norm:
+        return "", "x"
+    stage = """
   // RMSNorm once per threadgroup: reduce sum(x^2), then stage T(x * inv_rms * w) in shared memory
   // (rounded to T, as mx.fast.rms_norm's output is), read by every SIMD-group below.
   SHARED T x_norm[K];
@@ -243,14 +242,63 @@ def body(variant: Variant, eps: float | None = None) -> str:
   }
   BARRIER();
 """.replace("{eps}", "SCALAR(eps)" if not variant.fused else float_literal(eps))
-        x_source = "x_norm"
-    return f"""{constants(rows_per_unit)}
-{stage}
+    return stage, "x_norm"
+
+
+_INDEXING = """
   // SIMD-group (warp_n, warp_k) owns ROWS units and every WARPS_K-th step along K.
   const int warp_n = (int)warp % WARPS_N;
   const int warp_k = (int)warp / WARPS_N;
   const int first_unit = ((int)group_id * WARPS_N + warp_n) * ROWS;
+"""
 
+
+def _dot(words: str) -> str:
+    """dot = Σ q_i · xs[i] over one chunk, q unpacked from `words` (W + 1 words, the last 0)."""
+    return f"""
+        float dot = 0.0f;
+        for (int i = 0; i < E; ++i) {{
+          const int bit = i * BITS_;
+          const int shift = bit & 31;
+          unsigned int q = {words}[bit >> 5] >> shift;
+          if (shift + BITS_ > 32) q |= {words}[(bit >> 5) + 1] << (32 - shift);
+          dot += static_cast<float>(q & MASK) * xs[i];
+        }}"""
+
+
+def _tail(variant: Variant, unrolled: bool = False) -> str:
+    """SIMD-sum the lanes, add split-K partial sums, and the epilogue (lane 0 of warp_k 0).
+    `unrolled`: every loop unrolled, so acc stays in registers (no local-memory stack frame)."""
+    unroll = "\n#pragma unroll" if unrolled else ""
+    stop = "if (unit < UNITS) {" if unrolled else "if (unit >= UNITS) break;"
+    close = "\n      }" if unrolled else ""
+    return f"""{unroll}
+  for (int r = 0; r < SLOTS; ++r) acc[r] = SIMD_SUM(acc[r]);
+  if (WARPS_K > 1) {{
+    // Split K: the SIMD-groups sharing these units add their partial sums through shared memory.
+    if (lane == 0) {{{unroll}
+      for (int r = 0; r < SLOTS; ++r) k_partial[(warp_k * WARPS_N + warp_n) * SLOTS + r] = acc[r];
+    }}
+    BARRIER();{unroll}
+    for (int r = 0; r < SLOTS; ++r) {{
+      float sum = 0.0f;
+      for (int part = 0; part < WARPS_K; ++part) sum += k_partial[(part * WARPS_N + warp_n) * SLOTS + r];
+      acc[r] = sum;
+    }}
+  }}
+  if (warp_k == 0 && lane == 0) {{{unroll}
+    for (int u = 0; u < ROWS; ++u) {{
+      const int unit = first_unit + u;
+      {stop}{_epilogue(variant)}{close}
+    }}
+  }}
+"""
+
+
+def body(variant: Variant, eps: float | None = None) -> str:
+    stage, x_source = _norm_stage(variant, eps)
+    return f"""{constants(variant.rows_per_unit)}
+{stage}{_INDEXING}
   float acc[SLOTS];
   for (int r = 0; r < SLOTS; ++r) acc[r] = 0.0f;
   if (first_unit < UNITS) {{
@@ -266,40 +314,78 @@ def body(variant: Variant, eps: float | None = None) -> str:
         const int row = {_row_expression(variant)};
         unsigned int words[W + 1];
         LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, words);
-        words[W] = 0u;
-        float dot = 0.0f;
-        for (int i = 0; i < E; ++i) {{
-          const int bit = i * BITS_;
-          const int shift = bit & 31;
-          unsigned int q = words[bit >> 5] >> shift;
-          if (shift + BITS_ > 32) q |= words[(bit >> 5) + 1] << (32 - shift);
-          dot += static_cast<float>(q & MASK) * xs[i];
-        }}
+        words[W] = 0u;{_dot("words")}
         const long g = (long)row * GROUPS_PER_ROW + base / GROUP;
         acc[r] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * x_sum;
       }}
     }}
-  }}
-  for (int r = 0; r < SLOTS; ++r) acc[r] = SIMD_SUM(acc[r]);
-  if (WARPS_K > 1) {{
-    // Split K: the SIMD-groups sharing these units add their partial sums through shared memory.
-    if (lane == 0) {{
-      for (int r = 0; r < SLOTS; ++r) k_partial[(warp_k * WARPS_N + warp_n) * SLOTS + r] = acc[r];
-    }}
-    BARRIER();
+  }}{_tail(variant)}"""
+
+
+def preload_registers(slots: int, k: int, constants_: dict) -> int:
+    """32-bit registers per thread the preloaded form holds its weights in (see `preloaded_body`)."""
+    step = 32 * constants_["CHUNK"]
+    iters = -(-k // (constants_["WARPS_K"] * step))
+    words = constants_["CHUNK"] * constants_["BITS"] // 32
+    return iters * slots * (words + 2)
+
+
+def preloaded_body(variant: Variant, eps: float | None = None) -> tuple[str, str]:
+    """The same GEMV in two parts, for a phase of the layer kernel (kernels/fused_layer.py): `load`
+    reads this SIMD-group's weights, scales and biases into registers and needs nothing computed
+    before; `compute` does the rest. The layer kernel puts `load` before the grid barrier the
+    phase waits on, so the weights' latency overlaps the barrier instead of following it: the
+    timing marks on the H200 (h200-layer-timing-fa7d717.txt) put gate/up at ~9 µs for ~5 MB,
+    its SIMD-groups waiting on 20 rows' loads one after another. Every loop is unrolled over
+    compile-time bounds so the arrays stay in registers; rows past UNITS and lanes past K hold 0."""
+    stage, x_source = _norm_stage(variant, eps)
+    load = f"""{constants(variant.rows_per_unit)}{_INDEXING}
+  constexpr int ITERS = (K + WARPS_K * STEP - 1) / (WARPS_K * STEP);
+  unsigned int pw[ITERS][SLOTS][W + 1];
+  T ps[ITERS][SLOTS];
+  T pb[ITERS][SLOTS];
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {{
+    const int base = (warp_k * 32 + (int)lane) * E + it * WARPS_K * STEP;
+#pragma unroll
     for (int r = 0; r < SLOTS; ++r) {{
-      float sum = 0.0f;
-      for (int part = 0; part < WARPS_K; ++part) sum += k_partial[(part * WARPS_N + warp_n) * SLOTS + r];
-      acc[r] = sum;
-    }}
-  }}
-  if (warp_k == 0 && lane == 0) {{
-    for (int u = 0; u < ROWS; ++u) {{
-      const int unit = first_unit + u;
-      if (unit >= UNITS) break;{_epilogue(variant)}
+      const int unit = first_unit + r / RPU;
+      const int which = r % RPU;
+      pw[it][r][W] = 0u;
+      if (unit < UNITS && base < K) {{
+        const int row = {_row_expression(variant)};
+        LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, pw[it][r]);
+        const long g = (long)row * GROUPS_PER_ROW + base / GROUP;
+        ps[it][r] = scales[g];
+        pb[it][r] = biases[g];
+      }} else {{
+#pragma unroll
+        for (int i = 0; i < W; ++i) pw[it][r][i] = 0u;
+        ps[it][r] = static_cast<T>(0.0f);
+        pb[it][r] = static_cast<T>(0.0f);
+      }}
     }}
   }}
 """
+    compute = f"""{stage}
+  float acc[SLOTS];
+#pragma unroll
+  for (int r = 0; r < SLOTS; ++r) acc[r] = 0.0f;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {{
+    const int base = (warp_k * 32 + (int)lane) * E + it * WARPS_K * STEP;
+    if (base < K) {{
+      float xs[E];
+      LOAD_FLOATS(T, E, {x_source} + base, xs);
+      float x_sum = 0.0f;
+      for (int i = 0; i < E; ++i) x_sum += xs[i];
+#pragma unroll
+      for (int r = 0; r < SLOTS; ++r) {{{_dot("pw[it][r]")}
+        acc[r] += static_cast<float>(ps[it][r]) * dot + static_cast<float>(pb[it][r]) * x_sum;
+      }}
+    }}
+  }}{_tail(variant, unrolled=True)}"""
+    return load, compute
 
 
 def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> KernelSource:

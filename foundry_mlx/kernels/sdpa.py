@@ -175,9 +175,14 @@ MERGE_BODY = """
 # (`shares_done`, one per head) sit after the parts in the same scratch buffer, zeroed when it is
 # made: a large buffer lives in device memory (a tiny MLX buffer would be in managed memory, where
 # an atomic costs hundreds of µs), and two launches with their own scratch never share a counter
-# (MLX's CUDA graph runs kernels without a data dependency side by side). Volatile loads read the
-# other shares' parts from L2, past this SM's L1.
+# (MLX's CUDA graph runs kernels without a data dependency side by side).
+# The merge reads the other shares' parts from L2 (`__ldcg`, past this SM's L1) MERGE_BATCH shares
+# at a time, all loads of a batch issued before any is used, and merges them online (running max,
+# rescaled sums). The first version read them with volatile loads in MERGE_BODY's two passes, one
+# share after another: ~2 × SPLITS dependent L2 round trips, and the layer kernel's attention phase
+# took 5.3 µs at a single position on the H200 (h200-layer-timing-fa7d717.txt).
 MAX_HEADS = 256
+MERGE_BATCH = 16
 _LAST_SHARE_MERGES = """
   SHARED unsigned int merge_here;
   __threadfence();
@@ -187,10 +192,34 @@ _LAST_SHARE_MERGES = """
     merge_here = atomicInc(shares_done + head, last) == last;
   }
   BARRIER();
-  if (merge_here) {
+  if (merge_here && (int)thread_id < D) {
     __threadfence();
-""" + rewritten(MERGE_BODY, (("    const int head = (int)group_id;\n", ""),
-                             ("const float* part = parts", "const volatile float* part = parts"))) + "  }\n"
+    float overall = NEG_INFINITY;
+    float total = 0.0f;
+    float value = 0.0f;
+    for (int first = 0; first < SPLITS; first += MERGE_BATCH) {
+      float share_max[MERGE_BATCH], share_sum[MERGE_BATCH], share_value[MERGE_BATCH];
+#pragma unroll
+      for (int j = 0; j < MERGE_BATCH; ++j) {
+        const float* part = parts + (long)(head * SPLITS + min(first + j, SPLITS - 1)) * (D + 2);
+        share_max[j] = __ldcg(part);
+        share_sum[j] = first + j < SPLITS ? __ldcg(part + 1) : 0.0f;
+        share_value[j] = __ldcg(part + 2 + (int)thread_id);
+      }
+#pragma unroll
+      for (int j = 0; j < MERGE_BATCH; ++j) {
+        if (share_sum[j] == 0.0f) continue;  // a share that saw no position (or past the last)
+        const float merged = max(overall, share_max[j]);
+        const float mine = PRECISE_EXP(overall - merged);
+        const float theirs = PRECISE_EXP(share_max[j] - merged);
+        total = total * mine + share_sum[j] * theirs;
+        value = value * mine + share_value[j] * theirs;
+        overall = merged;
+      }
+    }
+    out[head * D + (int)thread_id] = static_cast<T>(value / total);
+  }
+""".replace("MERGE_BATCH", str(MERGE_BATCH))
 
 
 def merged_split_body() -> str:

@@ -99,5 +99,5 @@ def test_split_source_merges_in_the_last_share_and_wraps_its_counter():
     assert source.body.count("atomicInc(shares_done + head, last)") == 1
     assert "MUTABLE(float, parts) + COUNTERS_AT" in source.body  # counters after the parts, in the scratch
     assert sdpa.parts_size(28, 128) == 28 * sdpa.MAX_SPLITS * 130 + 28
-    assert "const volatile float* part = parts" in source.body  # other shares' parts read past L1
+    assert "__ldcg(part + 1)" in source.body  # other shares' parts read from L2, past L1
     assert "SPLITS = (int)gridDim.x / HEADS" in source.body  # one compile for every split count

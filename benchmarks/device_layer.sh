@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the device machine (H200): one round of layer-kernel work, in one call (results: $OUT/results.tgz).
+#   REVISION=<commit> TESTS=1 TIMING=1 SPECS="qwen2.5-0.5b 4bit" bash benchmarks/device_layer.sh
+# TESTS=1: the GPU tests the layer kernel and the split attention rest on (layer kernel = five
+#   kernels, greedy tokens = reference path, split attention = MLX's SDPA, the sampling kernel's
+#   distribution), with short tracebacks.
+# TIMING=1: benchmarks/layer_timing.py's clock marks per phase, at depths 128 and 2048.
+# SPECS="shape quant;...": foundry-mlx vs mlx-lm decode after prompts of 128 and 2,048 tokens.
+set -o pipefail
+bash .device/b/install.sh || exit 3
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
+R=/tmp/results-layer; rm -rf $R; mkdir -p $R
+trap 'tar czf "$OUT/results.tgz" -C $R .' EXIT
+IFS=';' read -ra specs <<< "${SPECS:-}"
+for spec in "qwen2.5-0.5b 4bit" "${specs[@]}"; do
+  set -- $spec
+  [ -d /tmp/random-$1-$2 ] || python3 scripts/make_random_model.py --shape "$1" --quant "$2" --out /tmp/random-$1-$2 \
+    >/dev/null 2>&1 || exit 4
+done
+if [ -n "$TESTS" ]; then
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/kernels/test_fused_gpu.py tests/kernels/test_sdpa.py \
+    -k "${TEST_FILTER:-layer_kernel or greedy or split or distribution}" --tb=short -p no:cacheprovider 2>&1 \
+    | tail -60 | tee $R/h200-gpu-tests-${REVISION:-unknown}.log
+fi
+if [ -n "$TIMING" ]; then
+  timeout ${TIMING_TIMEOUT:-200} python3 benchmarks/layer_timing.py /tmp/random-qwen2.5-0.5b-4bit --depths 128,2048 \
+    2>&1 | grep -v "weights" | tee $R/h200-layer-timing-${REVISION:-unknown}.txt
+fi
+for spec in "${specs[@]}"; do
+  set -- $spec
+  timeout ${BENCH_TIMEOUT:-300} python3 -m foundry_mlx bench -m /tmp/random-$1-$2 \
+    ${BENCH_ARGS:---prompt-lengths 128 --depths 0,2048 --decode-tokens 128 --trials 3} \
+    --out $R/h200-$1-$2-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -14
+done
