@@ -129,7 +129,7 @@ class _Tracking(fused_batch.BatchedReferenceKernels):
     def embed(self, state, table, dtype):
         return self._track("embed", [state], super().embed(state, table, dtype))
 
-    def layer(self, x, attention, mlp, state, keys, values):
+    def layer(self, x, attention, mlp, state, keys, values, next_attention=None):
         return fused_step.fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
 
     def qkv(self, x, attention, state, keys, values):

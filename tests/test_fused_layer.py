@@ -82,6 +82,30 @@ def test_the_layer_source_names_each_phase_and_writes_one_output():
     assert "prefetch.global.L2" in source.header
 
 
+def test_gemv_phases_load_weights_before_their_barrier_and_ask_l2_for_the_next_qkv(monkeypatch):
+    """The 0.5B layer's four GEMV phases each load their weights (and epilogue operands) into
+    registers before the barrier they wait on; the down phase asks L2 for the next layer's QKV.
+    With the preload off, the loop form comes back and no phase reads its weights early."""
+    attention, mlp = _half_b_layer()
+    source, inputs = fused_layer.layer_source(attention, mlp)
+    load = "LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, pw[it][r]);"
+    compute = "acc[r] += static_cast<float>(ps[it][r]) * dot"
+    # Between barriers: [QKV, attention's start] | attention, o_proj's loads | o_proj, gate/up's
+    # loads | gate/up, down's loads and the next QKV's prefetch | down.
+    spans = source.body.split("foundry_grid_sync();")
+    assert len(spans) == 5
+    assert [span.count(load) for span in spans] == [1, 1, 1, 1, 0]
+    assert [span.count(compute) for span in spans] == [1, 0, 1, 1, 1]
+    assert spans[0].index(load) < spans[0].index(compute)
+    # the epilogues read their operands from registers loaded with the weights
+    assert "static_cast<float>(residual[unit])" not in source.body and source.body.count("e_residual[u] = residual[unit];") == 2
+    assert "static_cast<float>(state[0]) * inv_freq[d]" not in source.body and "e_freq[u] = inv_freq[d];" in source.body
+    assert "foundry_prefetch_l2(next_qkv_w" in spans[3] and "next_qkv_w" in inputs
+    monkeypatch.setattr(fused_layer, "PRELOAD", False)
+    plain, _ = fused_layer.layer_source(attention, mlp)
+    assert "pw[ITERS]" not in plain.body and plain.body.count("foundry_grid_sync();") == 4
+
+
 def test_compact_keeps_code_directives_and_strings():
     from foundry_mlx.kernels.source import compact
 

@@ -47,7 +47,7 @@ class BatchedGpuKernels(GpuKernels):
         arguments = sdpa.batched_launch_arguments(qkv, keys, values, state, attention.n_heads)
         return self._kernel(sdpa.batched_source(attention.scale))(**arguments)[0]
 
-    def layer(self, x, attention, mlp, state, keys, values):
+    def layer(self, x, attention, mlp, state, keys, values, next_attention=None):
         return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
 
     def sample(self, logits, params, state, recent):
@@ -104,7 +104,7 @@ class BatchedReferenceKernels:
     def head(self, h, norm_weight, eps, lm_head):
         return lm_head.matmul(mx.fast.rms_norm(h, norm_weight, eps))
 
-    def layer(self, x, attention, mlp, state, keys, values):
+    def layer(self, x, attention, mlp, state, keys, values, next_attention=None):
         return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
 
     def sample(self, logits, params, state, recent):

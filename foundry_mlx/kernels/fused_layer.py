@@ -41,7 +41,7 @@ import os
 
 import mlx.core as mx
 
-from . import qgemv, qgemv_launch, sdpa
+from . import qgemv, qgemv_launch, qgemv_preload, sdpa
 from .source import KernelSource, literal_tag, rewritten
 
 # Blocks of the launch (every one resident at once, or the barrier cannot complete) and the
@@ -53,7 +53,7 @@ SYNC_SLEEP_NS = int(os.environ.get("FOUNDRY_SYNC_SLEEP_NS", "256"))
 # source carries none of it.
 TIMING = os.environ.get("FOUNDRY_LAYER_TIMING", "") == "1"
 # GEMV phases load their weights into registers before the barrier they wait on
-# (qgemv.preloaded_body), up to this many registers per thread; FOUNDRY_LAYER_PRELOAD=0 turns it off.
+# (qgemv_preload.preloaded_body), up to this many registers per thread; FOUNDRY_LAYER_PRELOAD=0 turns it off.
 PRELOAD = os.environ.get("FOUNDRY_LAYER_PRELOAD", "1") != "0"
 PRELOAD_REGISTERS = 96
 PHASES = 5
@@ -133,7 +133,7 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
     """Phase `phase`: its template constants and input/output names bound in a scope of its own; then
     (from the second phase on) the grid-wide barrier that waits for the previous phase; then its
     body, run for each virtual threadgroup this block owns. A phase with a `preload` (a GEMV's
-    weight loads, qgemv.preloaded_body) runs in one round of the blocks (virtual threadgroup =
+    weight loads, qgemv_preload.preloaded_body) runs in one round of the blocks (virtual threadgroup =
     block) and issues those loads before the barrier, followed by `before_wait`."""
     lines = ["  {"]
     # A string value is a run-time expression (the cache capacity, from the cache's shape).
@@ -164,8 +164,8 @@ def _gemv_phase(variant, eps, constants: dict, pointers: list, groups: int, phas
                 before_wait: str = "") -> str:
     """A GEMV phase, with its weights loaded before the barrier where they fit in registers
     (PRELOAD_REGISTERS) and the phase takes one round of the blocks; the loop form otherwise."""
-    if PRELOAD and groups <= BLOCKS and qgemv.preload_registers(*slots_k, constants) <= PRELOAD_REGISTERS:
-        load, compute = qgemv.preloaded_body(variant, eps)
+    if PRELOAD and groups <= BLOCKS and qgemv_preload.preload_registers(*slots_k, constants) <= PRELOAD_REGISTERS:
+        load, compute = qgemv_preload.preloaded_body(variant, eps)
         return _scope(constants, pointers, groups, compute, phase, preload=load, before_wait=before_wait)
     return _scope(constants, pointers, groups, qgemv.body(variant, eps), phase, before_wait=before_wait)
 
@@ -253,11 +253,11 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     pointers = [("const T*", "x", "scratch + ACTIVATED_AT"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "scratch + H_AT"), ("T*", "y", "x_out")]
     phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 4,
-                              (constants["ROWS"], ffn)))
+                              (constants["ROWS"], ffn), before_wait=_NEXT_QKV_PREFETCH))
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases",
-               "scratch", "attn_parts"]
+               "scratch", "attn_parts", "next_qkv_w", "next_qkv_scales", "next_qkv_biases"]
     shape = "_".join(str(v) for v in (qkv.bits, o_proj.bits, gate_up.bits, down.bits, hidden, ffn, heads, kv_heads,
                                       dims, int(has_bias)))
     tag = "_".join(literal_tag(v) for v in (attention.eps, mlp.eps, attention.scale))
@@ -309,8 +309,19 @@ def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSource, dict]:
-    """The layer kernel and the keyword arguments of its call: (source, kwargs)."""
+# The next layer's QKV weights (its inputs next_qkv_*, sizes from their shapes: a mix of quant
+# types may give them other widths) asked of L2 during the down phase: the next launch's first
+# phase reads them, and from DRAM it took ~4.8 µs (h200-layer-timing-e0eb2b6.txt), the slowest
+# phase but gate/up for a tenth of its bytes.
+_NEXT_QKV_PREFETCH = """  foundry_prefetch_l2(next_qkv_w, (long)next_qkv_w_shape[0] * next_qkv_w_shape[1] * 4l);
+  foundry_prefetch_l2(next_qkv_scales, (long)next_qkv_scales_shape[0] * next_qkv_scales_shape[1] * (long)sizeof(T));
+  foundry_prefetch_l2(next_qkv_biases, (long)next_qkv_biases_shape[0] * next_qkv_biases_shape[1] * (long)sizeof(T));
+"""
+
+
+def launch_arguments(x, attention, mlp, state, keys, values, next_attention=None) -> tuple[KernelSource, dict]:
+    """The layer kernel and the keyword arguments of its call: (source, kwargs). `next_attention`
+    (the next layer's; None for the last) names the QKV weights the kernel asks L2 for."""
     qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
     source, names = layer_source(attention, mlp)
     rope = attention.rope
@@ -324,6 +335,8 @@ def launch_arguments(x, attention, mlp, state, keys, values) -> tuple[KernelSour
     }
     if "qkv_bias" in names:
         arrays["qkv_bias"] = qkv.bias
+    following = (next_attention or attention).qkv_proj
+    arrays |= {"next_qkv_w": following.weight, "next_qkv_scales": following.scales, "next_qkv_biases": following.biases}
     arrays["scratch"], arrays["attn_parts"] = scratch_buffers(attention, mlp, x.dtype)
     threads = WARPS * 32
     kwargs = dict(

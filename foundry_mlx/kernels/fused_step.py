@@ -138,11 +138,12 @@ class GpuKernels:
             elif self.backend == "cuda":
                 self._attention_parts(layer.self_attn)
 
-    def layer(self, x, attention, mlp, state, keys, values):
-        """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels."""
+    def layer(self, x, attention, mlp, state, keys, values, next_attention=None):
+        """One layer: a single launch (kernels/fused_layer.py) on CUDA, else the five kernels.
+        `next_attention`: the next layer's, whose weights the launch asks L2 for."""
         if not self.layer_kernel:
             return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
-        source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values)
+        source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values, next_attention)
         return self._kernel(source)(**arguments)[0], keys, values
 
     def sample(self, logits, params, state, recent):
@@ -200,7 +201,7 @@ class ReferenceKernels:
     def head(self, h, norm_weight, eps, lm_head):
         return lm_head.matmul(mx.fast.rms_norm(h.reshape(1, -1), norm_weight, eps)).reshape(-1)
 
-    def layer(self, x, attention, mlp, state, keys, values):
+    def layer(self, x, attention, mlp, state, keys, values, next_attention=None):
         return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
 
     def sample(self, logits, params, state, recent):
@@ -222,8 +223,10 @@ def decode_step(kernels, model, state, params, recent, keys: list, values: list)
     dtype = model.layers[0].self_attn.norm_weight.dtype
     x = kernels.embed(state, model.embed_tokens.table, dtype)
     keys, values = list(keys), list(values)
-    for i, layer in enumerate(model.layers):
-        x, keys[i], values[i] = kernels.layer(x, layer.self_attn, layer.mlp, state, keys[i], values[i])
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        following = layers[i + 1].self_attn if i + 1 < len(layers) else None
+        x, keys[i], values[i] = kernels.layer(x, layer.self_attn, layer.mlp, state, keys[i], values[i], following)
     logits = kernels.head(x, model.norm_weight, model.config.rms_norm_eps, model.lm_head)
     next_state, token, recent = kernels.sample(logits, params, state, recent)
     return next_state, token, keys, values, recent

@@ -67,7 +67,7 @@ class Variant:
         return tuple(names)
 
 
-def _row_expression(variant: Variant) -> str:
+def row_expression(variant: Variant) -> str:
     """Row of `which` (0 or 1) in unit `unit`."""
     if variant.swiglu:
         return "(which == 0 ? unit : UNITS + unit)"  # [gate; up] stacked: gate row u, up row UNITS+u
@@ -218,7 +218,7 @@ def constants(rows_per_unit: int, per_row: str = "") -> str:
   SHARED float k_partial[WARPS_K * WARPS_N * SLOTS{per_row}];"""
 
 
-def _norm_stage(variant: Variant, eps: float | None) -> tuple[str, str]:
+def norm_stage(variant: Variant, eps: float | None) -> tuple[str, str]:
     """The RMSNorm prologue of a norm variant (empty otherwise) and the name x is read from."""
     if not variant.norm:
         return "", "x"
@@ -245,7 +245,7 @@ def _norm_stage(variant: Variant, eps: float | None) -> tuple[str, str]:
     return stage, "x_norm"
 
 
-_INDEXING = """
+INDEXING = """
   // SIMD-group (warp_n, warp_k) owns ROWS units and every WARPS_K-th step along K.
   const int warp_n = (int)warp % WARPS_N;
   const int warp_k = (int)warp / WARPS_N;
@@ -253,7 +253,7 @@ _INDEXING = """
 """
 
 
-def _dot(words: str) -> str:
+def dot(words: str) -> str:
     """dot = Σ q_i · xs[i] over one chunk, q unpacked from `words` (W + 1 words, the last 0)."""
     return f"""
         float dot = 0.0f;
@@ -266,7 +266,7 @@ def _dot(words: str) -> str:
         }}"""
 
 
-def _tail(variant: Variant, unrolled: bool = False) -> str:
+def tail(variant: Variant, unrolled: bool = False) -> str:
     """SIMD-sum the lanes, add split-K partial sums, and the epilogue (lane 0 of warp_k 0).
     `unrolled`: every loop unrolled, so acc stays in registers (no local-memory stack frame)."""
     unroll = "\n#pragma unroll" if unrolled else ""
@@ -296,9 +296,9 @@ def _tail(variant: Variant, unrolled: bool = False) -> str:
 
 
 def body(variant: Variant, eps: float | None = None) -> str:
-    stage, x_source = _norm_stage(variant, eps)
+    stage, x_source = norm_stage(variant, eps)
     return f"""{constants(variant.rows_per_unit)}
-{stage}{_INDEXING}
+{stage}{INDEXING}
   float acc[SLOTS];
   for (int r = 0; r < SLOTS; ++r) acc[r] = 0.0f;
   if (first_unit < UNITS) {{
@@ -311,81 +311,15 @@ def body(variant: Variant, eps: float | None = None) -> str:
         const int unit = first_unit + r / RPU;
         const int which = r % RPU;
         if (unit >= UNITS) break;
-        const int row = {_row_expression(variant)};
+        const int row = {row_expression(variant)};
         unsigned int words[W + 1];
         LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, words);
-        words[W] = 0u;{_dot("words")}
+        words[W] = 0u;{dot("words")}
         const long g = (long)row * GROUPS_PER_ROW + base / GROUP;
         acc[r] += static_cast<float>(scales[g]) * dot + static_cast<float>(biases[g]) * x_sum;
       }}
     }}
-  }}{_tail(variant)}"""
-
-
-def preload_registers(slots: int, k: int, constants_: dict) -> int:
-    """32-bit registers per thread the preloaded form holds its weights in (see `preloaded_body`)."""
-    step = 32 * constants_["CHUNK"]
-    iters = -(-k // (constants_["WARPS_K"] * step))
-    words = constants_["CHUNK"] * constants_["BITS"] // 32
-    return iters * slots * (words + 2)
-
-
-def preloaded_body(variant: Variant, eps: float | None = None) -> tuple[str, str]:
-    """The same GEMV in two parts, for a phase of the layer kernel (kernels/fused_layer.py): `load`
-    reads this SIMD-group's weights, scales and biases into registers and needs nothing computed
-    before; `compute` does the rest. The layer kernel puts `load` before the grid barrier the
-    phase waits on, so the weights' latency overlaps the barrier instead of following it: the
-    timing marks on the H200 (h200-layer-timing-fa7d717.txt) put gate/up at ~9 µs for ~5 MB,
-    its SIMD-groups waiting on 20 rows' loads one after another. Every loop is unrolled over
-    compile-time bounds so the arrays stay in registers; rows past UNITS and lanes past K hold 0."""
-    stage, x_source = _norm_stage(variant, eps)
-    load = f"""{constants(variant.rows_per_unit)}{_INDEXING}
-  constexpr int ITERS = (K + WARPS_K * STEP - 1) / (WARPS_K * STEP);
-  unsigned int pw[ITERS][SLOTS][W + 1];
-  T ps[ITERS][SLOTS];
-  T pb[ITERS][SLOTS];
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it) {{
-    const int base = (warp_k * 32 + (int)lane) * E + it * WARPS_K * STEP;
-#pragma unroll
-    for (int r = 0; r < SLOTS; ++r) {{
-      const int unit = first_unit + r / RPU;
-      const int which = r % RPU;
-      pw[it][r][W] = 0u;
-      if (unit < UNITS && base < K) {{
-        const int row = {_row_expression(variant)};
-        LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, pw[it][r]);
-        const long g = (long)row * GROUPS_PER_ROW + base / GROUP;
-        ps[it][r] = scales[g];
-        pb[it][r] = biases[g];
-      }} else {{
-#pragma unroll
-        for (int i = 0; i < W; ++i) pw[it][r][i] = 0u;
-        ps[it][r] = static_cast<T>(0.0f);
-        pb[it][r] = static_cast<T>(0.0f);
-      }}
-    }}
-  }}
-"""
-    compute = f"""{stage}
-  float acc[SLOTS];
-#pragma unroll
-  for (int r = 0; r < SLOTS; ++r) acc[r] = 0.0f;
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it) {{
-    const int base = (warp_k * 32 + (int)lane) * E + it * WARPS_K * STEP;
-    if (base < K) {{
-      float xs[E];
-      LOAD_FLOATS(T, E, {x_source} + base, xs);
-      float x_sum = 0.0f;
-      for (int i = 0; i < E; ++i) x_sum += xs[i];
-#pragma unroll
-      for (int r = 0; r < SLOTS; ++r) {{{_dot("pw[it][r]")}
-        acc[r] += static_cast<float>(ps[it][r]) * dot + static_cast<float>(pb[it][r]) * x_sum;
-      }}
-    }}
-  }}{_tail(variant, unrolled=True)}"""
-    return load, compute
+  }}{tail(variant)}"""
 
 
 def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> KernelSource:

@@ -146,7 +146,7 @@ def body(variant: qgemv.Variant, eps: float | None = None) -> str:
         const int unit = first_unit + r / RPU;
         const int which = r % RPU;
         if (unit >= UNITS) break;
-        const int row = {qgemv._row_expression(variant)};
+        const int row = {qgemv.row_expression(variant)};
         unsigned int words[W + 1];
         LOAD_WORDS(W, w + (long)row * WORDS_PER_ROW + base * BITS_ / 32, words);
         words[W] = 0u;

@@ -149,9 +149,12 @@ def test_sampling_kernel_follows_the_distribution():
     assert chi2 < 24.3  # 7 degrees of freedom, p = 0.001
     top_k = {_kernel_draw(gpu, logits, (1.0, 3, 1.0, 0.0, 1.0), 5, c) for c in range(400)}
     assert top_k == {0, 1, 2}
-    # top-p 0.6: the smallest prefix with mass >= 0.6 is tokens 0..2 (0.35 + 0.21 + 0.13 = 0.69 > 0.6 > 0.56)
-    top_p = {_kernel_draw(gpu, logits, (1.0, 0, 0.6, 0.0, 1.0), 6, c) for c in range(400)}
-    assert top_p == {0, 1, 2}
+    # top-p: the smallest prefix (most probable first) whose mass reaches p. The probabilities are
+    # 0.405, 0.245, 0.149, ...: p = 0.7 keeps tokens 0..2 (0.650 < 0.7 <= 0.799), p = 0.6 keeps 0..1.
+    for top_p, expected in ((0.7, {0, 1, 2}), (0.6, {0, 1})):
+        assert int(np.searchsorted(np.cumsum(probs), top_p)) + 1 == len(expected)
+        drawn = {_kernel_draw(gpu, logits, (1.0, 0, top_p, 0.0, 1.0), 6, c) for c in range(400)}
+        assert drawn == expected, top_p
 
 
 def test_fused_decoder_runs_reference_kernels_on_gpu_too(model):

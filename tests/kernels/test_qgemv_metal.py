@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from foundry_mlx.kernels import qgemv, qgemv_launch
+from foundry_mlx.kernels import qgemv, qgemv_launch, qgemv_preload
 from foundry_mlx.kernels.metal_sim import bfloat16_to_float32, run_metal_kernel
+from foundry_mlx.kernels.source import KernelSource
 
 from .metal_runs import run_source, sampled_rows, to_numpy
 from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
@@ -39,3 +40,19 @@ def test_harness_catches_a_wrong_kernel():
                                  launch.grid, launch.threadgroup, template=launch.template)
     with pytest.raises(AssertionError):
         compare(case, output, reference)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.sample_groups is None], ids=lambda c: c.id)
+def test_preloaded_form_matches_reference(case):
+    """qgemv_preload.preloaded_body (the layer kernel's GEMV phases: weights and epilogue operands loaded
+    into registers first, then the rest) as one kernel, on the same launch: the same outputs."""
+    kwargs = make_inputs(case)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
+    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
+    single = qgemv.kernel_source(case.variant, "metal")
+    load, compute = qgemv_preload.preloaded_body(case.variant)
+    assert "pw[it][r]" in load and "acc[r] +=" in compute and "acc[r] +=" not in load
+    source = KernelSource(single.name + "_preloaded", single.input_names, single.output_names,
+                          qgemv.runtime_capacity(case.variant) + load + compute, single.header)
+    (output,) = run_source(source, launch.arguments())
+    compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
