@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine (H200): one round of layer-kernel work, in one call (results: $OUT/results.tgz).
+# On the device machine (H200): one round of layer-kernel work, in one call (results: $OUT/results[-$TAG].tgz).
 #   REVISION=<commit> TESTS=1 TIMING=1 SPECS="qwen2.5-0.5b 4bit" bash benchmarks/device_layer.sh
 # TESTS=1: the GPU tests the layer kernel and the split attention rest on (layer kernel = five
 #   kernels, greedy tokens = reference path, split attention = MLX's SDPA, the sampling kernel's
@@ -11,7 +11,7 @@ set -o pipefail
 bash .device/b/install.sh || exit 3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
 R=/tmp/results-layer; rm -rf $R; mkdir -p $R
-trap 'tar czf "$OUT/results.tgz" -C $R .' EXIT
+trap 'tar czf "$OUT/results${TAG:+-$TAG}.tgz" -C $R .' EXIT
 IFS=';' read -ra specs <<< "${SPECS:-}"
 for spec in "qwen2.5-0.5b 4bit" "${specs[@]}"; do
   set -- $spec

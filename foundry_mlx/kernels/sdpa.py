@@ -41,6 +41,7 @@ BODY = """
   constexpr int LANES = D / 8;              // lanes per position
   constexpr int PER_WARP = 32 / LANES;      // positions a SIMD-group scores at once
   constexpr int PARTS = WARPS;              // partial softmaxes merged at the end (one per SIMD-group)
+  constexpr int AHEAD = 4;                  // steps of positions whose loads are in flight at once
   SHARED float part_max[PARTS];
   SHARED float part_sum[PARTS];
   SHARED float part_acc[PARTS * D];
@@ -60,20 +61,37 @@ BODY = """
   for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
 
   const long head_base = (long)kv_head * S * D;
-  for (int first = (int)warp * PER_WARP; first < length; first += WARPS * PER_WARP) {
-    const int position = first + sub;
-    const bool valid_position = position < length;
-    const long at = head_base + (long)(valid_position ? position : 0) * D + piece * 8;
-    float score = 0.0f;
-    for (int i = 0; i < 8; ++i) score += qs[i] * static_cast<float>(keys[at + i]);
-    for (int offset = LANES / 2; offset > 0; offset >>= 1) score += SIMD_SHUFFLE_XOR(score, offset);
-    if (valid_position) {
-      const float new_max = max(running_max, score);
-      const float correction = PRECISE_EXP(running_max - new_max);
-      const float weight = PRECISE_EXP(score - new_max);
-      running_sum = running_sum * correction + weight;
-      for (int i = 0; i < 8; ++i) acc[i] = acc[i] * correction + weight * static_cast<float>(values[at + i]);
-      running_max = new_max;
+  // AHEAD steps' keys and values are loaded before any is used: one memory latency per AHEAD
+  // steps, not per step (a step's score waits on its loads, and the next step's loads were issued
+  // only after it). Out-of-range positions read position 0 and are masked.
+  for (int first = (int)warp * PER_WARP; first < length; first += WARPS * PER_WARP * AHEAD) {
+    T key_rows[AHEAD][8];
+    T value_rows[AHEAD][8];
+#pragma unroll
+    for (int step = 0; step < AHEAD; ++step) {
+      const int position = first + step * WARPS * PER_WARP + sub;
+      const long at = head_base + (long)(position < length ? position : 0) * D + piece * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        key_rows[step][i] = keys[at + i];
+        value_rows[step][i] = values[at + i];
+      }
+    }
+#pragma unroll
+    for (int step = 0; step < AHEAD; ++step) {
+      const int position = first + step * WARPS * PER_WARP + sub;
+      const bool valid_position = position < length;
+      float score = 0.0f;
+      for (int i = 0; i < 8; ++i) score += qs[i] * static_cast<float>(key_rows[step][i]);
+      for (int offset = LANES / 2; offset > 0; offset >>= 1) score += SIMD_SHUFFLE_XOR(score, offset);
+      if (valid_position) {
+        const float new_max = max(running_max, score);
+        const float correction = PRECISE_EXP(running_max - new_max);
+        const float weight = PRECISE_EXP(score - new_max);
+        running_sum = running_sum * correction + weight;
+        for (int i = 0; i < 8; ++i) acc[i] = acc[i] * correction + weight * static_cast<float>(value_rows[step][i]);
+        running_max = new_max;
+      }
     }
   }
   // Merge the SIMD-group's sub-groups (lanes with the same `piece`) by butterfly shuffles.
@@ -132,6 +150,7 @@ def split_body() -> str:
   const int end = min(length, begin + share);
 """),
         ("for (int first = (int)warp * PER_WARP; first < length;", "for (int first = begin + (int)warp * PER_WARP; first < end;"),
+        ("(position < length ? position : 0)", "(position < end ? position : 0)"),
         ("const bool valid_position = position < length;", "const bool valid_position = position < end;"),
         ("    out[head * D + (int)thread_id] = static_cast<T>(value / total);\n", """    float* part = parts + (long)group_id * (D + 2);
     part[2 + (int)thread_id] = value;
