@@ -22,17 +22,20 @@ Chosen per model (`suits`: on CUDA when a layer's weights fit in L2 several time
 0.5B models; `FOUNDRY_LAYER_KERNEL=1/0` forces it). Measured on the H200, 0.5B 4-bit, decode
 tok/s at depth 0 / 2048 (`benchmarks/results/h200-step-overheads.md`, `h200-qwen2.5-0.5b-4bit.md`):
 the first version (ac92069) 928 / 391, with one block of 8 warps per query head at depth 2048 and
-gate/up taking ~10 rounds of the blocks; with each head's positions split over the idle blocks
-(merged in a phase of their own), the later phases' weights prefetched into L2, one round of the
-blocks per phase and the intermediates in one scratch buffer (cd8404b): 1,180 / 1,023 against
-mlx-lm's 298 / 294 in the same run. Then the device set its speed (~37 µs per layer: six phases
-of dependent round trips, five barriers), no longer MLX's host time (27 nodes ≈ 0.75 ms); the
-merge phase has since become the last share's job (five phases, four barriers), which measured
-the same (898 µs/token at depth 0, e2a593b), as did spinning at the barrier instead of sleeping
-and 132 blocks instead of 128. All 24 layers in one launch (the body in a loop, a barrier between
-layers) measured slower (1,000 vs 902 µs at depth 0) and gave wrong outputs on the GPU: a later
-layer re-reads buffers other blocks rewrote in the same launch, past what the barrier orders for
-plain loads through L1. A persistent kernel needs those re-reads L1-bypassing (`ld.global.cg`).
+gate/up taking ~10 rounds of the blocks; with each head's positions split over the idle blocks,
+the later phases' weights prefetched into L2, one round of the blocks per phase and the
+intermediates in one scratch buffer (cd8404b): 1,180 / 1,023 against mlx-lm's 298 / 294. Then
+clock marks inside the kernel (FOUNDRY_LAYER_TIMING, fa7d717) showed where a layer's 31 µs went:
+gate/up 8.9 µs for ~5 MB, each barrier ~1.9 µs, a one-position attention 5.3 µs: dependent
+round trips, not bytes. So each GEMV phase now loads its weights and epilogue operands into
+registers before the barrier it waits on (qgemv_preload.py), the barrier is one atomic per block,
+and a head's last share reads the other shares' parts at once: 22.5 µs a layer at depth 128 and
+1,487 / 1,279 tok/s against mlx-lm's 221 / 201 in the same run (e0eb2b6). Measured and dropped:
+spinning at the barrier instead of sleeping, 132 blocks instead of 128, and all 24 layers in one
+launch (the body in a loop, a barrier between layers), which was slower (1,000 vs 902 µs at depth
+0) and gave wrong outputs on the GPU: a later layer re-reads buffers other blocks rewrote in the
+same launch, past what the barrier orders for plain loads through L1. A persistent kernel needs
+those re-reads L1-bypassing (`ld.global.cg`).
 """
 
 from __future__ import annotations

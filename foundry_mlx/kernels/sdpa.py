@@ -295,9 +295,8 @@ def split_source(scale: float) -> KernelSource:
     (D + 2), written in place. Why (H200, 7B shape at depth 2048): one block per head left 28 of
     132 SMs busy. Measured (bae500d, `h200-qwen2.5-7b-4bit-split-attention.md`): decode at depth
     2048 went from 268 to 280 tok/s only, still ~30 µs per layer more than at depth 0 for 4 MB of
-    keys and values: a share's loop waits on each step's loads (4 SIMD-groups, 8 positions in
-    flight per block). Next, measured against this: more blocks (TARGET_BLOCKS) or the next
-    positions' loads issued before this step's softmax."""
+    keys and values: a share's loop waited on each step's loads. 1,024 target blocks instead of
+    256 gave 295 (fa7d717); loading four steps ahead (BODY's AHEAD) gave 320 (b5815c0)."""
     counters = "  unsigned int* shares_done = reinterpret_cast<unsigned int*>(MUTABLE(float, parts) + COUNTERS_AT);\n"
     body = (RUNTIME_S + "  const int SPLITS = (int)gridDim.x / HEADS;\n"
             f"  constexpr long COUNTERS_AT = (long)HEADS * {MAX_SPLITS} * (D + 2);\n" + counters
