@@ -195,3 +195,18 @@ def test_info_reports_which_decode_step_runs(model, monkeypatch):
     assert dict((op, path) for op, path, _ in decode_paths(loaded.config, "metal"))["sampling"] == "custom sampling kernel"
     monkeypatch.setenv("FOUNDRY_FUSED", "0")
     assert dict((op, path) for op, path, _ in decode_paths(loaded.config, "cuda"))["decode step"] == "compiled"
+
+
+@pytest.mark.parametrize("text, expected", [("", 8), ("3", 3), (" 16 ", 16), ("0", None), ("-2", None), ("four", None)])
+def test_decode_ahead_is_read_and_checked_in_one_place(monkeypatch, text, expected):
+    """FOUNDRY_DECODE_AHEAD (steps queued ahead, the generator's default 8 here): a bad value names
+    the variable and a fix instead of a ValueError from deep inside the first reply."""
+    from foundry_mlx.engine.decoder import decode_ahead
+    from foundry_mlx.errors import FoundryError
+
+    monkeypatch.setenv("FOUNDRY_DECODE_AHEAD", text)
+    if expected is None:
+        with pytest.raises(FoundryError, match="FOUNDRY_DECODE_AHEAD"):
+            decode_ahead(8)
+    else:
+        assert decode_ahead(8) == expected

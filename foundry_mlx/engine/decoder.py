@@ -20,6 +20,7 @@ import warnings
 import mlx.core as mx
 
 from .. import kernels
+from ..errors import FoundryError
 from .cache import KVCache, StepCache
 from .prefill import prefill
 
@@ -136,6 +137,22 @@ def plan_step(decode_step, kernel_set, model, compiled: bool = True):
         return next_state, token
 
     return (mx.compile(step) if compiled and not functional else step), functional
+
+
+def decode_ahead(default: int) -> int:
+    """Fused steps queued ahead of the token the host is handling: FOUNDRY_DECODE_AHEAD, else
+    `default` (the generator and the server each pick their own). One place reads and checks it."""
+    text = os.environ.get("FOUNDRY_DECODE_AHEAD", "").strip()
+    if not text:
+        return default
+    try:
+        ahead = int(text)
+    except ValueError:
+        ahead = 0
+    if ahead < 1:
+        raise FoundryError(f"FOUNDRY_DECODE_AHEAD={text!r} is not a positive whole number of steps; "
+                           "unset it, or set e.g. FOUNDRY_DECODE_AHEAD=4")
+    return ahead
 
 
 def fused_kernel_set():

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ import mlx.core as mx
 
 from ..errors import ContextLengthError, FoundryError
 from .cache import KVCache
-from .decoder import decoder_for, fused_decoder_for
+from .decoder import decode_ahead, decoder_for, fused_decoder_for
 from .prefill import prefill
 from .sampling import Sampler, SamplingParams, _fresh_seed
 
@@ -198,7 +197,7 @@ class _FusedRunner:
 
     def __init__(self, fused, session: Session, sampling: SamplingParams, ids, logits) -> None:
         self.fused = fused
-        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "8")))
+        self.ahead = decode_ahead(8)
         seed = sampling.seed if sampling.seed is not None else _fresh_seed()
         self.first = fused.start(session.cache, logits, sampling, list(ids), seed)
 

@@ -35,7 +35,6 @@ prompt cache. Everything that touches MLX runs on this one thread.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -45,7 +44,7 @@ import mlx.core as mx
 
 from ..engine import batch as batching
 from ..engine.batch_decoder import BatchedFusedDecoder, batch_decoder_for
-from ..engine.decoder import decoder_for
+from ..engine.decoder import decode_ahead, decoder_for
 from ..engine.prefill import prefill
 from ..engine.sampling import _fresh_seed
 from .prompt_cache import PromptCache
@@ -93,7 +92,7 @@ class Scheduler:
         self._queued: deque[mx.array] = deque()  # fused steps queued ahead, not yet read
         # How many: FOUNDRY_DECODE_AHEAD, as for `stream_generate` (one ahead hides the host's read;
         # more hide the Python of accepting B rows' tokens too).
-        self.ahead = max(1, int(os.environ.get("FOUNDRY_DECODE_AHEAD", "4")))
+        self.ahead = decode_ahead(4)
         self._waiting: deque[LiveSequence] = deque()
         self._live: list[LiveSequence] = []
         self._batch_rows: list[LiveSequence] = []
