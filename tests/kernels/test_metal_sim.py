@@ -1,4 +1,4 @@
-"""Tests of the Metal kernel simulator itself (foundry_mlx.kernels.metal_sim).
+"""Tests of the Metal kernel simulator itself (foundry_mlx.kernels.metal_sim): running kernels (threadgroups, SIMD-groups, barriers, poison, errors).
 
 Each test pins one behaviour that kernel tests rely on, with a kernel that gives
 a different answer if the simulator gets that behaviour wrong.
@@ -6,8 +6,6 @@ a different answer if the simulator gets that behaviour wrong.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,11 +17,8 @@ from foundry_mlx.kernels.metal_sim import (
     MetalRuntimeError,
     bfloat16_array,
     bfloat16_to_float32,
-    build,
-    metal_signature,
     run_metal_kernel,
 )
-from foundry_mlx.kernels.metal_sim.rewrite import rewrite_threadgroup_declarations
 
 pytestmark = pytest.mark.filterwarnings("ignore::foundry_mlx.kernels.metal_sim.MetalCompileWarning")
 
@@ -37,136 +32,6 @@ def run(name: str, source: str, inputs: dict[str, Any], outputs: dict[str, tuple
     return run_metal_kernel(
         name, list(inputs), list(outputs), source, "", list(inputs.values()), shapes, dtypes, grid, group, **options
     )
-
-
-# ------------------------------------------------------------- signature --
-def test_signature_written_by_hand_device_scalar_shape_attribute() -> None:
-    source = "    uint i = thread_position_in_grid.x;\n    y[i] = alpha * x[i] + x_shape[0];\n"
-    inputs = [np.zeros(16, np.float32), np.float32(2.0)]
-    name, text = metal_signature("axpy", ["x", "alpha"], ["y"], source, "", inputs, [np.float32])
-    assert name == "custom_kernel_axpy_float_floats_float"
-    assert text == (
-        "[[kernel]] void custom_kernel_axpy_float_floats_float(\n"
-        "  const device float* x [[buffer(0)]],\n"
-        "  const constant int* x_shape [[buffer(1)]],\n"
-        "  const constant float& alpha [[buffer(2)]],\n"
-        "  device float* y [[buffer(3)]],\n"
-        "  uint3 thread_position_in_grid [[thread_position_in_grid]]) {\n" + source + "\n}\n"
-    )
-
-
-def test_signature_written_by_hand_templates_constant_input_and_mlx_quirk() -> None:
-    # Two outputs, a shape buffer and no attribute: MLX's comma test counts the
-    # shape buffer and closes the parameter list twice. Reproduced on purpose:
-    # such a kernel does not compile on a Mac either.
-    inputs = [np.zeros(4, np.uint8), np.zeros(64, np.float16)]
-    template = [("bits", 4), ("transpose", False), ("T", np.float16)]
-    name, text = metal_signature(
-        "q", ["w", "s"], ["o1", "o2"], "o1[0] = w_shape[0];", "// header\n", inputs, [np.float32, np.int32], template
-    )
-    kernel = "custom_kernel_q__4_0_float16_t_uint8_tc_float16_t_float_int32_t"
-    assert name == kernel
-    assert text == (
-        "// header\n"
-        "template <int bits, bool transpose, typename T>\n"
-        f"[[kernel]] void {kernel}(\n"
-        "  const constant uint8_t* w [[buffer(0)]],\n"
-        "  const constant int* w_shape [[buffer(1)]],\n"
-        "  const device float16_t* s [[buffer(2)]],\n"
-        "  device float* o1 [[buffer(3)]]) {\n"
-        "  device int32_t* o2 [[buffer(4)]]) {\n"
-        "o1[0] = w_shape[0];\n}\n\n"
-        f'template [[host_name("{kernel}")]] [[kernel]] decltype({kernel}<4, 0, float16_t>) {kernel}<4, 0, float16_t>;\n'
-    )
-
-
-def mlx_generated_source(capfd, tmp_path, source: str, inputs: list, output_dtypes: list, template: list) -> str:
-    """What MLX itself prints with verbose=True, obtained through export tracing
-    (the only way an MLX without Metal generates the source without running it)."""
-    mx = pytest.importorskip("mlx.core")
-    output_names = ["out", "out2"][: len(output_dtypes)]
-    kernel = mx.fast.metal_kernel(name="k", input_names=["a", "b", "c"], output_names=output_names, source=source)
-    mx_template = [(n, v if isinstance(v, (bool, int)) else getattr(mx, np.dtype(v).name)) for n, v in template]
-    mx_dtypes = [getattr(mx, np.dtype(d).name) for d in output_dtypes]
-
-    def call(*arrays):
-        shapes = [(1,)] * len(output_names)
-        return kernel(
-            inputs=list(arrays), template=mx_template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
-            output_shapes=shapes, output_dtypes=mx_dtypes, verbose=True,
-        )  # fmt: skip
-
-    capfd.readouterr()
-    try:
-        mx.export_function(str(tmp_path / "kernel.mlxfn"), call, *[mx.array(x) for x in inputs])
-    except Exception as error:  # an MLX that cannot trace metal_kernel
-        pytest.skip(f"MLX cannot export metal_kernel here: {error}")
-    printed = capfd.readouterr().out
-    return printed.split("```\n", 1)[1].rsplit("\n```", 1)[0]
-
-
-SIGNATURE_CASES = [
-    (
-        "uint i = thread_position_in_grid.x; out[i] = a[i] * c + b_shape[0] + threads_per_threadgroup.x;"
-        " // simdgroup_index_in_threadgroup",
-        [np.zeros(9, np.float32), np.zeros(3, np.int32), np.float32(2)],
-        [np.uint32],
-        [("T", np.float16), ("N", 3), ("B", True)],
-    ),
-    (
-        "out[0] = a_strides[0] + a_ndim + c[0]; out2[0] = 1;",
-        [np.zeros((2, 5), np.int8), np.zeros(7, np.uint16), np.zeros(8, np.bool_)],
-        [np.float16, np.int32],
-        [],
-    ),
-]
-
-
-@pytest.mark.parametrize(("source", "inputs", "output_dtypes", "template"), SIGNATURE_CASES)
-def test_signature_matches_mlx(source, inputs, output_dtypes, template, capfd, tmp_path) -> None:
-    expected = mlx_generated_source(capfd, tmp_path, source, inputs, output_dtypes, template)
-    output_names = ["out", "out2"][: len(output_dtypes)]
-    _, text = metal_signature("k", ["a", "b", "c"], output_names, source, "", inputs, output_dtypes, template)
-    assert text == expected
-
-
-def test_header_with_metal_includes_and_threadgroup_macro() -> None:
-    # The project's portable kernels spell threadgroup storage `SHARED`.
-    header = (
-        "#include <metal_stdlib>\n#include <metal_simdgroup>\nusing namespace metal;\n"
-        "#define SHARED threadgroup\n#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)\n"
-        "inline float twice(float v) { return 2.0f * v; }\n"
-    )
-    source = """
-        uint t = thread_position_in_threadgroup.x;
-        SHARED float values[64];
-        values[t] = twice(x[t]);
-        BARRIER();
-        out[t] = values[63 - t];
-    """
-    x = np.arange(64, dtype=np.float32)
-    (out,) = run_metal_kernel(
-        "macros", ["x"], ["out"], source, header, [x], [(64,)], [np.float32], (64, 1, 1), (64, 1, 1)
-    )
-    np.testing.assert_array_equal(out, 2 * x[::-1])
-
-
-def test_threadgroup_rewrite_keeps_lines_and_leaves_pointers_and_comments() -> None:
-    text = (
-        "threadgroup float partial[32]; // threadgroup float not_me[4];\n"
-        "threadgroup T tile[BM][BK +\n 4], row[BK];\n"
-        "threadgroup float* view = partial;\n"
-        "threadgroup_barrier(mem_flags::mem_threadgroup);\n"
-    )
-    rewritten = rewrite_threadgroup_declarations(text)
-    assert rewritten.count("\n") == text.count("\n")
-    lines = rewritten.split("\n")
-    assert lines[0] == (
-        "float (&partial)[32] = ::metal_sim_detail::threadgroup_variable<float[32], __COUNTER__>();"
-        " // threadgroup float not_me[4];"
-    )
-    assert "T (&tile)[BM][BK + 4] = " in lines[1] and "T (&row)[BK] = " in lines[1]
-    assert lines[3:5] == ["threadgroup float* view = partial;", "threadgroup_barrier(mem_flags::mem_threadgroup);"]
 
 
 # ------------------------------------------------------------- execution --
@@ -474,64 +339,3 @@ def test_simdgroup_matrix_multiply_and_fragment_layout() -> None:
     row = (lane // 4 & 4) + (lane // 2) % 4  # MLX steel mma.h get_coord
     column = (lane // 4 & 2) * 2 + (lane % 2) * 2
     np.testing.assert_array_equal(fragments.reshape(32, 2), np.stack([a[row, column], a[row, column + 1]], axis=1))
-
-
-# -------------------------------------------------------------- compiler --
-@pytest.fixture
-def fresh_compiler(monkeypatch):
-    """build.compiler() found afresh under the test's environment, and again after it."""
-    for variable in ("FOUNDRY_CXX", "METAL_SIM_CXX", "ZIG_GLOBAL_CACHE_DIR", "ZIG_LOCAL_CACHE_DIR"):
-        monkeypatch.delenv(variable, raising=False)
-    build.compiler.cache_clear()
-    yield build.compiler
-    build.compiler.cache_clear()
-
-
-def test_compiler_is_found_and_takes_half_arguments() -> None:
-    # Without a compiler every simulator test fails (never skips) with the
-    # same one-line fix; this one names the problem first.
-    print(f"metal_sim compiler: {build.compiler().description}")
-    assert build.compiler_flags()[0] == "-std=c++20"
-
-
-def _fake_compiler(folder, name: str, version: str) -> None:
-    script = folder / name
-    script.write_text(f"#!/bin/sh\necho '{version}'\n")
-    script.chmod(0o755)
-
-
-def test_clang_on_the_path_comes_before_ziglang(fresh_compiler, monkeypatch, tmp_path) -> None:
-    _fake_compiler(tmp_path, "clang++", "fake clang version 99")
-    monkeypatch.setenv("PATH", str(tmp_path))
-    found = fresh_compiler()
-    assert found.command == (str(tmp_path / "clang++"),)
-    assert "fake clang version 99" in found.description
-
-
-def test_foundry_cxx_overrides_the_path(fresh_compiler, monkeypatch, tmp_path) -> None:
-    _fake_compiler(tmp_path, "clang++", "fake clang version 99")
-    _fake_compiler(tmp_path, "my-zig", "fake zig clang")
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setenv("FOUNDRY_CXX", "my-zig c++")
-    found = fresh_compiler()
-    assert found.command == (str(tmp_path / "my-zig"), "c++")
-    assert set(found.environment) == {"ZIG_GLOBAL_CACHE_DIR", "ZIG_LOCAL_CACHE_DIR"}
-
-
-def test_without_clang_the_ziglang_package_is_used(fresh_compiler, monkeypatch, tmp_path) -> None:
-    if importlib.util.find_spec("ziglang") is None:
-        pytest.fail('ziglang is missing: pip install -e ".[test]" installs it')
-    monkeypatch.setenv("PATH", str(tmp_path))
-    found = fresh_compiler()
-    assert found.command[-1] == "c++" and found.description.startswith("zig c++")
-    assert Path(found.environment["ZIG_GLOBAL_CACHE_DIR"]).parent == build.cache_dir()
-
-
-def test_no_compiler_is_an_error_that_says_how_to_get_one(fresh_compiler, monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(build, "_zig_compiler", lambda: None)
-    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[test\]"'):
-        fresh_compiler()
-    monkeypatch.setenv("FOUNDRY_CXX", "no-such-clang++")
-    with pytest.raises(RuntimeError, match="no-such-clang.. .from FOUNDRY_CXX. not found"):
-        fresh_compiler()
