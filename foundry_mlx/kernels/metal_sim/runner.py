@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
+import os
+import signal
+import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +60,14 @@ class _Buffer:
         )
 
 
-def _buffer(label: str, payload: np.ndarray) -> _Buffer:
+def _buffer(label: str, payload: np.ndarray, shared: bool = False) -> _Buffer:
     raw = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
     # 64 spare bytes let the payload start on a 64-byte boundary.
-    memory = np.full(raw.size + 2 * REDZONE_BYTES + 64, 0xFF, dtype=np.uint8)
+    if shared:  # an anonymous shared mapping: what forked processes write, every process sees
+        memory = np.frombuffer(mmap.mmap(-1, raw.size + 2 * REDZONE_BYTES + 64), dtype=np.uint8)
+        memory[:] = 0xFF
+    else:
+        memory = np.full(raw.size + 2 * REDZONE_BYTES + 64, 0xFF, dtype=np.uint8)
     shift = (-(memory.ctypes.data + REDZONE_BYTES)) % 64
     memory = memory[shift : shift + raw.size + 2 * REDZONE_BYTES]
     memory[REDZONE_BYTES : REDZONE_BYTES + raw.size] = raw
@@ -92,6 +101,8 @@ def run_metal_kernel(
     seed: int = 0,
     verbose: bool = False,
     written_inputs: Sequence[str] = (),
+    groups_at_once: bool = False,
+    timeout_s: float = 120.0,
 ) -> list[np.ndarray]:
     """Compile the kernel MLX would build and run it, one OS thread per GPU
     thread, threadgroup after threadgroup.
@@ -116,6 +127,11 @@ def run_metal_kernel(
 
     ``written_inputs``: names of inputs the kernel writes in place (a KV cache); their
     contents after the launch come back after the outputs, in this order.
+    ``groups_at_once``: every threadgroup (at most MAX_GROUPS_AT_ONCE) runs at the same time, each
+    in a process of its own over buffers all of them share, as a GPU keeps a small grid resident:
+    a kernel whose threadgroups wait for one another (a grid-wide barrier on a device atomic)
+    completes, and one whose barrier is wrong reads what another group has not yet written. One
+    that never completes is killed after ``timeout_s`` and reported.
 
     Raises MetalCompileError (clang's message) or MetalRuntimeError.
     """
@@ -171,7 +187,7 @@ def run_metal_kernel(
             shape = tuple(int(d) for d in output_shapes[parameter.index])
             dtype = output_dtype_names[parameter.index]
             count = math.prod(shape)
-            buffer = _buffer(parameter.name, filled_bytes(dtype, count, init_value))
+            buffer = _buffer(parameter.name, filled_bytes(dtype, count, init_value), groups_at_once)
             outputs.append(buffer)
         else:
             array = converted[parameter.index][1]
@@ -184,7 +200,7 @@ def run_metal_kernel(
                 payload = np.array(strides, dtype=np.int64)
             else:
                 payload = np.array(array.ndim, dtype=np.int32)
-            buffer = _buffer(parameter.name, payload)
+            buffer = _buffer(parameter.name, payload, groups_at_once)
             if parameter.kind == "input" and parameter.name in written_inputs:
                 written[parameter.name] = (buffer, array)
         buffers.append(buffer)
@@ -201,10 +217,15 @@ def run_metal_kernel(
             raise ValueError(f"group ids must lie in [0, {total})")
         ids = id_array.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
         count = int(id_array.size)
-    message = ctypes.create_string_buffer(4096)
-    status = library.metal_sim_launch(pointers, dims, ids, count, SCHEDULES[schedule], seed, message, len(message))
-    if status != 0:
-        raise MetalRuntimeError(f"kernel {kernel.kernel_name}: {message.value.decode(errors='replace')}")
+    if groups_at_once:
+        per_axis = [-(-g // min(t, g)) if g else 0 for g, t in zip(grid_dims, group_dims, strict=True)]
+        chosen = list(groups) if groups is not None else list(range(math.prod(per_axis)))
+        _launch_at_once(library, kernel.kernel_name, pointers, dims, chosen, SCHEDULES[schedule], seed, timeout_s)
+    else:
+        message = ctypes.create_string_buffer(4096)
+        status = library.metal_sim_launch(pointers, dims, ids, count, SCHEDULES[schedule], seed, message, len(message))
+        if status != 0:
+            raise MetalRuntimeError(f"kernel {kernel.kernel_name}: {message.value.decode(errors='replace')}")
     damaged = [b.label for b in buffers if not b.redzones_intact()]
     if damaged:
         raise MetalRuntimeError(f"kernel {kernel.kernel_name} wrote outside buffer(s) {', '.join(damaged)}")
@@ -216,3 +237,54 @@ def run_metal_kernel(
         buffer, array = written[name]
         results.append(buffer.payload.copy().view(array.dtype).reshape(array.shape))
     return results
+
+
+MAX_GROUPS_AT_ONCE = 64
+_MESSAGE_BYTES = 1024
+
+
+def _launch_at_once(library, name: str, pointers, dims, chosen: list[int], schedule: int, seed: int,
+                    timeout_s: float) -> None:
+    """Run each threadgroup of `chosen` in a forked process of its own, all at once (the buffers
+    are shared mappings); wait for all of them, killing them after `timeout_s`."""
+    if len(chosen) > MAX_GROUPS_AT_ONCE:
+        raise ValueError(f"groups_at_once runs each threadgroup in a process: at most {MAX_GROUPS_AT_ONCE}, "
+                         f"got {len(chosen)}; launch a smaller grid")
+    reports = np.frombuffer(mmap.mmap(-1, len(chosen) * _MESSAGE_BYTES), dtype=np.uint8)
+    children: dict[int, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads alive: the child only runs the launch
+        for index, group in enumerate(chosen):
+            pid = os.fork()
+            if pid == 0:  # the child: one threadgroup, its error text into the shared reports
+                status = 1
+                try:
+                    ids = (ctypes.c_int64 * 1)(group)
+                    message = ctypes.create_string_buffer(_MESSAGE_BYTES)
+                    status = library.metal_sim_launch(pointers, dims, ids, 1, schedule, seed, message, _MESSAGE_BYTES)
+                    if status:
+                        text = message.value[: _MESSAGE_BYTES - 1]
+                        reports[index * _MESSAGE_BYTES : index * _MESSAGE_BYTES + len(text)] = np.frombuffer(text, np.uint8)
+                finally:
+                    os._exit(1 if status else 0)
+            children[pid] = index
+    deadline = time.monotonic() + timeout_s
+    failed: list[str] = []
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            if time.monotonic() > deadline:
+                for child in children:
+                    os.kill(child, signal.SIGKILL)
+                    os.waitpid(child, 0)
+                stuck = sorted(chosen[i] for i in children.values())
+                raise MetalRuntimeError(f"kernel {name}: threadgroups {stuck} did not finish within {timeout_s:.0f} s "
+                                        "(a grid-wide barrier that never completes?)")
+            time.sleep(0.005)
+            continue
+        index = children.pop(pid)
+        if status != 0:
+            text = bytes(reports[index * _MESSAGE_BYTES : (index + 1) * _MESSAGE_BYTES]).split(b"\0")[0]
+            failed.append(f"threadgroup {chosen[index]}: {text.decode(errors='replace') or 'crashed'}")
+    if failed:
+        raise MetalRuntimeError(f"kernel {name}: " + "; ".join(failed))
