@@ -39,7 +39,8 @@ def _step_name(fused) -> str:
 @click.option("--decode-step", type=click.Choice(DECODE_STEPS), default="auto", show_default=True,
               help="per-op: the compiled model-file step; fused: five kernels per layer, token on the device "
                    "(off by default on Metal: flip it here on a Mac and compare); layer: one launch per layer "
-                   "(CUDA); auto: the defaults.")
+                   "(CUDA's default for small models; on Metal an experiment: its FOUNDRY_LAYER_BLOCKS threadgroups, "
+                   "default 16, must all stay resident); auto: the defaults.")
 @click.option("--keep-buffers", is_flag=True,
               help="Keep MLX's buffer cache between timed runs (as a server's later requests and llama-bench's "
                    "repeated runs do) instead of freeing it before each, as a process's first request sees it.")

@@ -85,7 +85,8 @@ def select_decode_step(choice: str) -> None:
     """Set this process's decode-step switches for `choice` (what `foundry-mlx bench --decode-step`
     does): per-op = the compiled model-file step (FOUNDRY_FUSED=0); fused = five kernels per layer
     (FOUNDRY_FUSED=1, FOUNDRY_LAYER_KERNEL=0), the switch to flip on a Mac; layer = one launch per
-    layer (CUDA only); auto = the defaults. Call it before the first decode step is built."""
+    layer (on Metal an experiment, kernels/fused_layer_metal.py); auto = the defaults. Call it before
+    the first decode step is built."""
     if choice not in DECODE_STEPS:
         raise ValueError(f"decode step {choice!r} is not one of {', '.join(DECODE_STEPS)}")
     settings = {"per-op": {"FOUNDRY_FUSED": "0"}, "fused": {"FOUNDRY_FUSED": "1", "FOUNDRY_LAYER_KERNEL": "0"},
@@ -105,5 +106,4 @@ def check_decode_step(choice: str, model, backend: str) -> None:
         reason = fused_step.unsupported_reason(model)
         if reason is not None:
             raise FoundryError(f"--decode-step {choice} cannot run this model: {reason}; use per-op or auto.")
-    if choice == "layer" and backend != "cuda":
-        raise FoundryError("--decode-step layer is CUDA-only (Metal has no grid-wide barrier); use fused on Metal.")
+

@@ -44,12 +44,19 @@ import os
 
 import mlx.core as mx
 
-from . import qgemv, qgemv_launch, qgemv_preload, sdpa
+from . import fused_layer_metal, qgemv, qgemv_launch, qgemv_preload, sdpa
 from .source import KernelSource, literal_tag, rewritten
 
 # Blocks of the launch (every one resident at once, or the barrier cannot complete) and the
 # barrier's poll interval: settings to measure, FOUNDRY_LAYER_BLOCKS / FOUNDRY_SYNC_SLEEP_NS.
 BLOCKS = int(os.environ.get("FOUNDRY_LAYER_BLOCKS", "128"))
+# Metal (fused_layer_metal.py, opt-in): an Apple GPU keeps far fewer threadgroups resident.
+METAL_BLOCKS = int(os.environ.get("FOUNDRY_LAYER_BLOCKS", "16"))
+
+
+def blocks_for(backend: str) -> int:
+    """Threadgroups of a layer-kernel launch: all must be resident at once for its barriers."""
+    return BLOCKS if backend == "cuda" else METAL_BLOCKS
 SYNC_SLEEP_NS = int(os.environ.get("FOUNDRY_SYNC_SLEEP_NS", "256"))
 # FOUNDRY_LAYER_TIMING=1 builds the kernel with clock marks at every phase's end and after every
 # barrier (benchmarks/layer_timing.py reads them): where a layer's device time goes. Off, the
@@ -95,6 +102,7 @@ def _header() -> str:
 
 
 _HEADER = """
+#define SHARE_COUNTERS(p) reinterpret_cast<unsigned int*>(p)
 // Arrivals at grid barriers since the module loaded: one atomic per block and barrier, never reset.
 // Every launch has the same grid and every block passes the same barriers, so barrier n of the
 // process completes when the count reaches (n + 1) * gridDim.x; a block learns n from the value
@@ -142,7 +150,8 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
     # A string value is a run-time expression (the cache capacity, from the cache's shape).
     lines += [f"    const int {name} = {value};" if isinstance(value, str) else f"    constexpr int {name} = {int(value)};"
               for name, value in constants.items()]
-    lines += [f"    {kind} {name} = {source};" for kind, name, source in pointers]
+    # `auto`: the input's own pointer type (CUDA `const T*`, Metal `const device T*`).
+    lines += [f"    auto {name} = {source};" for _, name, source in pointers]
     if preload:
         lines += ["    const unsigned int group_id = blockIdx.x;", preload]
     lines.append(before_wait)
@@ -164,10 +173,10 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
 
 
 def _gemv_phase(variant, eps, constants: dict, pointers: list, groups: int, phase: int, slots_k: tuple[int, int],
-                before_wait: str = "") -> str:
+                before_wait: str = "", blocks: int = BLOCKS) -> str:
     """A GEMV phase, with its weights loaded before the barrier where they fit in registers
     (PRELOAD_REGISTERS) and the phase takes one round of the blocks; the loop form otherwise."""
-    if PRELOAD and groups <= BLOCKS and qgemv_preload.preload_registers(*slots_k, constants) <= PRELOAD_REGISTERS:
+    if PRELOAD and groups <= blocks and qgemv_preload.preload_registers(*slots_k, constants) <= PRELOAD_REGISTERS:
         load, compute = qgemv_preload.preloaded_body(variant, eps)
         return _scope(constants, pointers, groups, compute, phase, preload=load, before_wait=before_wait)
     return _scope(constants, pointers, groups, qgemv.body(variant, eps), phase, before_wait=before_wait)
@@ -192,21 +201,23 @@ def suits(model) -> bool:
 MAX_SLOTS = 24  # rows a SIMD-group accumulates at once in a phase (registers: acc[SLOTS])
 
 
-def _gemv_constants(units: int, k: int, layer, rows_per_unit: int = 1) -> tuple[dict, int]:
+def _gemv_constants(units: int, k: int, layer, rows_per_unit: int = 1, blocks: int = BLOCKS) -> tuple[dict, int]:
     """The GEMV geometry with enough rows per SIMD-group that every block covers its share of the
     units in one round. Measured on the H200 (00a511e → this): with the per-kernel geometry (1–2
     rows per SIMD-group) gate/up took ~10 rounds per block, each renormalising x and waiting on
     its own loads, and the layer kernel spent ~43 µs per layer on the GPU against the five
     kernels' ~23. More rows per SIMD-group put all of a block's loads in flight at once."""
     constants, _ = qgemv_launch.shape_constants(units, k, layer.bits, layer.group_size)
-    rows = max(constants["ROWS"], -(-units // (BLOCKS * constants["WARPS_N"])))
+    rows = max(constants["ROWS"], -(-units // (blocks * constants["WARPS_N"])))
     constants["ROWS"] = min(rows, MAX_SLOTS // rows_per_unit)
     return constants, -(-units // (constants["WARPS_N"] * constants["ROWS"]))
 
 
-def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
+def layer_source(attention, mlp, backend: str = "cuda") -> tuple[KernelSource, list[str]]:
     """The kernel of one layer shape (bits, widths, heads) and its input names. The cache capacity
-    S is read from the cache's shape at run time: one compile serves every capacity."""
+    S is read from the cache's shape at run time: one compile serves every capacity. `backend`
+    "metal": the experimental Metal rendition (fused_layer_metal.py)."""
+    blocks = blocks_for(backend)
     qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
     heads, kv_heads, dims = attention.n_heads, attention.n_kv_heads, attention.rope.dims
     hidden, ffn = o_proj.out_features, down.in_features
@@ -214,7 +225,7 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     phases = []
     # 1. RMSNorm + QKV + bias + RoPE, K/V rows written into the cache.
     variant = qgemv.Variant(norm=True, bias=has_bias, rope=True, fused=True)
-    constants, groups = _gemv_constants(qkv.out_features // 2, hidden, qkv, 2)
+    constants, groups = _gemv_constants(qkv.out_features // 2, hidden, qkv, 2, blocks)
     constants |= dict(HALF=dims // 2, ROPE_ROWS=(heads + kv_heads) * dims, Q_ROWS=heads * dims,
                       KV_ROWS=kv_heads * dims, HEAD_DIM=dims, S=CAPACITY)
     pointers = [("const uint32_t*", "w", "qkv_w"), ("const T*", "scales", "qkv_scales"),
@@ -224,10 +235,10 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
         pointers.append(("const T*", "bias", "qkv_bias"))
     prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims)
     phases.append(_gemv_phase(variant, attention.eps, constants, pointers, groups, 0, (constants["ROWS"] * 2, hidden),
-                              before_wait=prefetch))
+                              before_wait=prefetch, blocks=blocks))
     # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
     # split into SPLITS shares (one virtual threadgroup each).
-    splits = attention_splits(heads)
+    splits = attention_splits(heads, blocks)
     # Each head's last share to finish merges the head's shares (sdpa.merged_split_body): no merge
     # phase and no grid barrier of its own.
     body = sdpa.from_state(sdpa.merged_split_body(), attention.scale)
@@ -235,28 +246,28 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
                 ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT"),
                 ("unsigned int*", "shares_done",
-                 f"reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + {sdpa.counters_at(heads, splits, dims)})")]
+                 f"SHARE_COUNTERS(MUTABLE(float, attn_parts) + {sdpa.counters_at(heads, splits, dims)})")]
     phases.append(_scope(constants, pointers, heads * splits, body, phase=1))
     # 3. o_proj + residual (the layer's input).
-    constants, groups = _gemv_constants(hidden, heads * dims, o_proj)
+    constants, groups = _gemv_constants(hidden, heads * dims, o_proj, 1, blocks)
     # `residual` first: it names the layer's input before `x` is rebound to the attention output.
     pointers = [("const T*", "residual", "x"), ("const T*", "x", "scratch + ATTENDED_AT"), ("const uint32_t*", "w", "o_w"),
                 ("const T*", "scales", "o_scales"), ("const T*", "biases", "o_biases"), ("T*", "y", "MUTABLE(T, scratch) + H_AT")]
     phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 2,
-                              (constants["ROWS"], heads * dims)))
+                              (constants["ROWS"], heads * dims), blocks=blocks))
     # 4. RMSNorm + gate/up + SwiGLU.
-    constants, groups = _gemv_constants(ffn, hidden, gate_up, 2)
+    constants, groups = _gemv_constants(ffn, hidden, gate_up, 2, blocks)
     pointers = [("const T*", "x", "scratch + H_AT"), ("const uint32_t*", "w", "gate_up_w"), ("const T*", "scales", "gate_up_scales"),
                 ("const T*", "biases", "gate_up_biases"), ("const T*", "norm_weight", "post_norm"),
                 ("T*", "y", "MUTABLE(T, scratch) + ACTIVATED_AT")]
     phases.append(_gemv_phase(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps, constants, pointers, groups, 3,
-                              (constants["ROWS"] * 2, hidden)))
+                              (constants["ROWS"] * 2, hidden), blocks=blocks))
     # 5. down + residual: the layer's output.
-    constants, groups = _gemv_constants(hidden, ffn, down)
+    constants, groups = _gemv_constants(hidden, ffn, down, 1, blocks)
     pointers = [("const T*", "x", "scratch + ACTIVATED_AT"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "scratch + H_AT"), ("T*", "y", "x_out")]
     phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 4,
-                              (constants["ROWS"], ffn), before_wait=_NEXT_QKV_PREFETCH))
+                              (constants["ROWS"], ffn), before_wait=_NEXT_QKV_PREFETCH, blocks=blocks))
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases",
@@ -272,6 +283,10 @@ def layer_source(attention, mlp) -> tuple[KernelSource, list[str]]:
     layout = "".join(f"  constexpr long {name.upper()}_AT = {offset};\n" for name, offset in offsets.items())
     outputs = ("x_out",)
     body = layout + "\n".join(phases)
+    if backend == "metal":
+        sync_at = sdpa.parts_size(heads, dims, splits)  # the barrier's two counters, after the parts
+        return KernelSource(name + "_metal", tuple(inputs), outputs, fused_layer_metal.prologue(sync_at) + body,
+                            qgemv._HEADER["metal"] + fused_layer_metal.HEADER), inputs
     header = qgemv._HEADER["cuda"] + _header()
     if TIMING:
         marks_at = sdpa.parts_size(heads, dims, splits)  # after the attention's parts and counters
@@ -291,9 +306,9 @@ def scratch_offsets(qkv_rows: int, attended: int, hidden: int, ffn: int) -> dict
     return offsets
 
 
-def attention_splits(heads: int) -> int:
+def attention_splits(heads: int, blocks: int = BLOCKS) -> int:
     """Shares of the positions per head in the attention phase: enough to give every block one."""
-    return max(1, min(16, BLOCKS // heads))
+    return max(1, min(16, blocks // heads))
 
 
 def _prefetch(o_proj, gate_up, down, kv_heads: int, dims: int) -> str:
@@ -322,11 +337,12 @@ _NEXT_QKV_PREFETCH = """  foundry_prefetch_l2(next_qkv_w, (long)next_qkv_w_shape
 """
 
 
-def launch_arguments(x, attention, mlp, state, keys, values, next_attention=None) -> tuple[KernelSource, dict]:
+def launch_arguments(x, attention, mlp, state, keys, values, next_attention=None,
+                     backend: str = "cuda") -> tuple[KernelSource, dict]:
     """The layer kernel and the keyword arguments of its call: (source, kwargs). `next_attention`
     (the next layer's; None for the last) names the QKV weights the kernel asks L2 for."""
     qkv, o_proj, gate_up, down = attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
-    source, names = layer_source(attention, mlp)
+    source, names = layer_source(attention, mlp, backend)
     rope = attention.rope
     arrays = {
         "x": x, "qkv_w": qkv.weight, "qkv_scales": qkv.scales, "qkv_biases": qkv.biases,
@@ -340,12 +356,12 @@ def launch_arguments(x, attention, mlp, state, keys, values, next_attention=None
         arrays["qkv_bias"] = qkv.bias
     following = (next_attention or attention).qkv_proj
     arrays |= {"next_qkv_w": following.weight, "next_qkv_scales": following.scales, "next_qkv_biases": following.biases}
-    arrays["scratch"], arrays["attn_parts"] = scratch_buffers(attention, mlp, x.dtype)
+    arrays["scratch"], arrays["attn_parts"] = scratch_buffers(attention, mlp, x.dtype, backend)
     threads = WARPS * 32
     kwargs = dict(
         inputs=[arrays[n] for n in names],
         template=[("T", x.dtype)],
-        grid=(BLOCKS * threads, 1, 1),
+        grid=(blocks_for(backend) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(o_proj.out_features,)],
         output_dtypes=[x.dtype],
@@ -356,7 +372,7 @@ def launch_arguments(x, attention, mlp, state, keys, values, next_attention=None
 _scratches: dict[tuple, mx.array] = {}
 
 
-def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+def scratch_buffers(attention, mlp, dtype: mx.Dtype, backend: str = "cuda") -> tuple[mx.array, mx.array]:
     """The layer's scratch buffers (intermediates in `dtype`, attention shares in float32), made on
     first use. `GpuKernels.prepare` asks for them before the step is traced: a buffer made while
     tracing would become a node of every step."""
@@ -364,7 +380,8 @@ def scratch_buffers(attention, mlp, dtype: mx.Dtype) -> tuple[mx.array, mx.array
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
     # The attention's parts, one share counter per head (sdpa.merged_split_body), then the marks.
-    parts = sdpa.parts_size(heads, dims, attention_splits(heads)) + (2 * MARKS if TIMING else 0)
+    parts = sdpa.parts_size(heads, dims, attention_splits(heads, blocks_for(backend)))
+    parts += fused_layer_metal.SYNC_SLOTS if backend == "metal" else (2 * MARKS if TIMING else 0)
     return scratch(sizes["scratch_size"], dtype), scratch(parts, mx.float32)
 
 

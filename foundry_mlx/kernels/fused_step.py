@@ -74,11 +74,13 @@ class GpuKernels:
     def __init__(self, backend: str, layer_kernel: bool | None = None) -> None:
         self.backend = backend
         self._built: dict[str, object] = {}
-        # Whether each layer is one launch: CUDA only (Metal has no grid-wide barrier); None until
-        # `prepare` chooses per model (FOUNDRY_LAYER_KERNEL=1 / 0 forces it on / off).
+        # Whether each layer is one launch: on CUDA None until `prepare` chooses per model
+        # (FOUNDRY_LAYER_KERNEL=1 / 0 forces it on / off); on Metal only when asked for (its grid
+        # barriers rest on threadgroups staying resident, which Metal does not promise:
+        # kernels/fused_layer_metal.py).
         switch = os.environ.get("FOUNDRY_LAYER_KERNEL", "")
         wanted = layer_kernel if layer_kernel is not None else {"1": True, "0": False}.get(switch)
-        self.layer_kernel = wanted if backend == "cuda" else False
+        self.layer_kernel = wanted if backend == "cuda" else bool(wanted)
 
     def _kernel(self, source):
         kernel = self._built.get(source.name)
@@ -134,7 +136,7 @@ class GpuKernels:
         dtype = model.layers[0].self_attn.norm_weight.dtype
         for layer in model.layers:
             if self.layer_kernel:
-                fused_layer.scratch_buffers(layer.self_attn, layer.mlp, dtype)
+                fused_layer.scratch_buffers(layer.self_attn, layer.mlp, dtype, self.backend)
             elif self.backend == "cuda":
                 self._attention_parts(layer.self_attn)
 
@@ -143,7 +145,8 @@ class GpuKernels:
         `next_attention`: the next layer's, whose weights the launch asks L2 for."""
         if not self.layer_kernel:
             return fused_layer.reference_layer(self, x, attention, mlp, state, keys, values)
-        source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values, next_attention)
+        source, arguments = fused_layer.launch_arguments(x, attention, mlp, state, keys, values, next_attention,
+                                                         self.backend)
         return self._kernel(source)(**arguments)[0], keys, values
 
     def sample(self, logits, params, state, recent):
