@@ -195,3 +195,20 @@ def test_timing_marks_every_phase_end_and_barrier_only_when_asked(monkeypatch):
     assert positions == sorted(positions) and timed.body.count("foundry_mark(") == len(marks)
     parts = heads * fused_layer.attention_splits(heads) * (dims + 2) + heads
     assert f"constexpr long MARKS_AT = {parts};" in timed.body
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_preloaded_standalone_gemvs_fit_their_registers(shape):
+    """FOUNDRY_GEMV_PRELOAD=1 (the five-kernel step's GEMVs in the preloaded form) takes a launch
+    only where its weights fit in qgemv_preload.REGISTERS per thread: every projection of the 0.5B
+    and 7B shapes at 4 bits, the 8-bit LM head of 151,936 rows too."""
+    from foundry_mlx.kernels import qgemv_preload
+
+    hidden, ffn, heads, kv_heads, dims = SHAPES[shape]
+    projections = [((heads + 2 * kv_heads) * dims // 2, hidden, 2, 4), (hidden, heads * dims, 1, 4),
+                   (ffn, hidden, 2, 4), (hidden, ffn, 1, 4), (151936, hidden, 1, 8)]
+    for units, k, rows_per_unit, bits in projections:
+        constants, _ = qgemv_launch.shape_constants(units, k, bits, 64)
+        assert qgemv_preload.fits(constants, rows_per_unit), (units, k, bits)
+    constants, _ = qgemv_launch.shape_constants(896, 1 << 18, 4, 64)  # a K far longer than any layer's
+    assert not qgemv_preload.fits(constants, 1)

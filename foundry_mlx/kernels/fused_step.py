@@ -28,7 +28,7 @@ import os
 import mlx.core as mx
 
 from ..layers import Linear
-from . import embed, fused_layer, qgemv, qgemv_launch, sample, sdpa
+from . import embed, fused_layer, qgemv, qgemv_launch, qgemv_preload, sample, sdpa
 
 QKV = qgemv.Variant(norm=True, bias=True, rope=True, fused=True)
 QKV_NO_BIAS = qgemv.Variant(norm=True, rope=True, fused=True)
@@ -90,6 +90,8 @@ class GpuKernels:
 
     def _gemv(self, variant: qgemv.Variant, eps: float | None, x: mx.array, layer: Linear, **kwargs) -> mx.array:
         launch = qgemv_launch.launch(variant, x, layer.quantized, **kwargs)
+        if qgemv_preload.ENABLED and qgemv_preload.fits(dict(launch.template), variant.rows_per_unit):
+            return self._kernel(qgemv_preload.standalone_source(variant, self.backend, eps))(**launch.arguments())[0]
         return self._kernel(qgemv.kernel_source(variant, self.backend, eps))(**launch.arguments())[0]
 
     def embed(self, state: mx.array, table: Linear, dtype: mx.Dtype) -> mx.array:

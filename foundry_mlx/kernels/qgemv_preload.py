@@ -15,8 +15,26 @@ and lanes past K hold zeros. The arithmetic is qgemv.body's, checked by the Meta
 
 from __future__ import annotations
 
-from .qgemv import INDEXING, Variant, constants, dot, norm_stage, row_expression, tail
-from .source import rewritten
+import os
+
+from .qgemv import (
+    INDEXING,
+    Variant,
+    constants,
+    dot,
+    kernel_source,
+    norm_stage,
+    row_expression,
+    runtime_capacity,
+    tail,
+)
+from .source import KernelSource, rewritten
+
+# The fused step's own GEMV launches (the five-kernel step: 7B) in this form too, where the weights
+# fit in REGISTERS per thread: FOUNDRY_GEMV_PRELOAD=1, an experiment until measured on the H200
+# against the loop form (a launch of many threadgroups already keeps many loads in flight).
+ENABLED = os.environ.get("FOUNDRY_GEMV_PRELOAD", "") == "1"
+REGISTERS = 128
 
 
 def preload_registers(slots: int, k: int, constants_: dict) -> int:
@@ -111,3 +129,16 @@ def _epilogue_operands(variant: Variant) -> tuple[str, tuple]:
   }}
 """
     return text, tuple((read, f"{name}[u]") for name, _, read in chosen)
+
+
+def fits(template: dict, rows_per_unit: int) -> bool:
+    """Whether a launch with these template constants holds its weights in REGISTERS per thread."""
+    return preload_registers(template["ROWS"] * rows_per_unit, template["K"], template) <= REGISTERS
+
+
+def standalone_source(variant: Variant, backend: str, eps: float | None = None) -> KernelSource:
+    """qgemv.kernel_source's kernel in the preloaded form (load, then compute, in one launch)."""
+    plain = kernel_source(variant, backend, eps)
+    load, compute = preloaded_body(variant, eps)
+    return KernelSource(plain.name + "_pre", plain.input_names, plain.output_names,
+                        runtime_capacity(variant) + load + compute, plain.header)

@@ -16,7 +16,7 @@ from foundry_mlx import kernels
 from foundry_mlx.engine.decoder import FusedDecoder, prefilled, step_nodes
 from foundry_mlx.engine.generate import stream_generate
 from foundry_mlx.engine.sampling import SamplingParams
-from foundry_mlx.kernels import fused_step, sample
+from foundry_mlx.kernels import fused_step, qgemv_preload, sample
 
 pytestmark = pytest.mark.gpu
 
@@ -36,7 +36,11 @@ def _close(a, b, tolerance):
     assert np.abs(a - b).max() / scale < tolerance, f"max error {np.abs(a - b).max()} at scale {scale}"
 
 
-def test_each_fused_kernel_matches_its_twin(model):
+@pytest.mark.parametrize("preload", [False, True], ids=["loop", "preloaded"])
+def test_each_fused_kernel_matches_its_twin(model, monkeypatch, preload):
+    """preloaded: the GEMVs in the form that loads every weight before computing
+    (FOUNDRY_GEMV_PRELOAD=1, kernels/qgemv_preload.py) where a launch's weights fit in registers."""
+    monkeypatch.setattr(qgemv_preload, "ENABLED", preload)
     loaded, _ = model
     gpu, ref = fused_step.GpuKernels(kernels.gpu_backend()), fused_step.ReferenceKernels()
     prompt = list(range(200, 237))

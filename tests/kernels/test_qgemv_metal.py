@@ -7,7 +7,6 @@ import pytest
 
 from foundry_mlx.kernels import qgemv, qgemv_launch, qgemv_preload
 from foundry_mlx.kernels.metal_sim import bfloat16_to_float32, run_metal_kernel
-from foundry_mlx.kernels.source import KernelSource
 
 from .metal_runs import run_source, sampled_rows, to_numpy
 from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
@@ -49,10 +48,9 @@ def test_preloaded_form_matches_reference(case):
     kwargs = make_inputs(case)
     launch = qgemv_launch.launch(case.variant, **kwargs)
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    single = qgemv.kernel_source(case.variant, "metal")
     load, compute = qgemv_preload.preloaded_body(case.variant)
     assert "pw[it][r]" in load and "acc[r] +=" in compute and "acc[r] +=" not in load
-    source = KernelSource(single.name + "_preloaded", single.input_names, single.output_names,
-                          qgemv.runtime_capacity(case.variant) + load + compute, single.header)
+    source = qgemv_preload.standalone_source(case.variant, "metal")  # load + compute, one launch
+    assert load in source.body and compute in source.body
     (output,) = run_source(source, launch.arguments())
     compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
