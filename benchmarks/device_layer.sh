@@ -5,8 +5,9 @@
 #   kernels, greedy tokens = reference path, split attention = MLX's SDPA, the sampling kernel's
 #   distribution), with short tracebacks.
 # TIMING=1: benchmarks/layer_timing.py's clock marks per phase, at depths 128 and 2048.
-# SPECS="shape quant [engines];...": foundry-mlx vs mlx-lm (or the engines named) decode after prompts
-#   of 128 and 2,048 tokens.
+# SPECS="shape quant [engines [NAME=value]];...": foundry-mlx vs mlx-lm (or the engines named) decode
+#   after prompts of 128 and 2,048 tokens, with a switch set for that run if one is named, e.g.
+#   SPECS="qwen2.5-7b 4bit foundry;qwen2.5-7b 4bit foundry FOUNDRY_GEMV_PRELOAD=1".
 set -o pipefail
 bash .device/b/install.sh || exit 3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
@@ -29,7 +30,9 @@ if [ -n "$TIMING" ]; then
 fi
 for spec in "${specs[@]}"; do
   set -- $spec
-  timeout ${BENCH_TIMEOUT:-300} python3 -m foundry_mlx bench -m /tmp/random-$1-$2 --engines ${3:-foundry,mlx-lm} \
+  echo "== $1 $2 ${3:-foundry,mlx-lm} ${4:-}"
+  env ${4:-FOUNDRY_NOTHING=} timeout ${BENCH_TIMEOUT:-300} python3 -m foundry_mlx bench -m /tmp/random-$1-$2 \
+    --engines ${3:-foundry,mlx-lm} \
     ${BENCH_ARGS:---prompt-lengths 128 --depths 0,2048 --decode-tokens 128 --trials 3} \
-    --out $R/h200-$1-$2-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -14
+    --out $R/h200-$1-$2${4:+-${4%%=*}}-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -14
 done
