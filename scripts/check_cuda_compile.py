@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, qgemv_launch, sample, sdpa  # noqa: E402
+from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, qgemv_launch, sample, sdpa, sdpa_split  # noqa: E402
 
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
 
@@ -91,7 +91,7 @@ def compile_fused(args, scratch: Path) -> bool:
         failed |= _compile(args, scratch, f"fused attention {dtype}", f"attention_fused_{dtype}", source,
                            {"q": dtype, "keys": dtype, "values": dtype, "state": "int32"}, [("out", dtype)],
                            [("T", dtype), ("D", 64), ("HEADS", 14), ("KV_HEADS", 2), ("WARPS", 8)])
-        source = sdpa.split_source(0.125)
+        source = sdpa_split.split_source(0.125)
         failed |= _compile(args, scratch, f"split attention {dtype}", f"attention_split_{dtype}", source,
                            {"q": dtype, "keys": dtype, "values": dtype, "state": "int32", "parts": "float32"},
                            [("out", dtype)], [("T", dtype), ("D", 128), ("HEADS", 28), ("KV_HEADS", 4), ("WARPS", 4)])

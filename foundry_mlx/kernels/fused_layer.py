@@ -44,7 +44,7 @@ import os
 
 import mlx.core as mx
 
-from . import fused_layer_metal, qgemv, qgemv_launch, qgemv_preload, sdpa
+from . import fused_layer_metal, fused_layer_timing, qgemv, qgemv_launch, qgemv_preload, sdpa, sdpa_split
 from .source import KernelSource, literal_tag, rewritten
 
 # Blocks of the launch (every one resident at once, or the barrier cannot complete) and the
@@ -66,31 +66,7 @@ TIMING = os.environ.get("FOUNDRY_LAYER_TIMING", "") == "1"
 # (qgemv_preload.preloaded_body), up to this many registers per thread; FOUNDRY_LAYER_PRELOAD=0 turns it off.
 PRELOAD = os.environ.get("FOUNDRY_LAYER_PRELOAD", "1") != "0"
 PRELOAD_REGISTERS = 96
-PHASES = 5
-MARKS = 2 * PHASES + 2  # per phase: body done, barrier passed; then the kernel's ns and cycles (block 0)
-_TIMING_HEADER = """
-// Block 0's elapsed clock at mark k in marks[k]; the slowest block's in marks[MARKS + k].
-__device__ __forceinline__ void foundry_mark(unsigned int* marks, int k, int count, long long start) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int elapsed = (unsigned int)(clock64() - start);
-    if (blockIdx.x == 0) marks[k] = elapsed;
-    atomicMax(marks + count + k, elapsed);
-  }
-}
-"""
-_TIMING_START = """  const long long foundry_start = clock64();
-  unsigned long long foundry_start_ns;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(foundry_start_ns));
-  unsigned int* foundry_marks = reinterpret_cast<unsigned int*>(MUTABLE(float, attn_parts) + MARKS_AT);
-"""
-_TIMING_END = """  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    unsigned long long now_ns;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now_ns));
-    foundry_marks[MARKS - 2] = (unsigned int)(now_ns - foundry_start_ns);
-    foundry_marks[MARKS - 1] = (unsigned int)(clock64() - foundry_start);
-  }
-"""
+PHASES, MARKS = fused_layer_timing.PHASES, fused_layer_timing.MARKS
 WARPS = qgemv_launch.WARPS  # 8 SIMD-groups: the GEMV bodies' threadgroup, and the attention phase's
 
 
@@ -239,14 +215,14 @@ def layer_source(attention, mlp, backend: str = "cuda") -> tuple[KernelSource, l
     # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
     # split into SPLITS shares (one virtual threadgroup each).
     splits = attention_splits(heads, blocks)
-    # Each head's last share to finish merges the head's shares (sdpa.merged_split_body): no merge
+    # Each head's last share to finish merges the head's shares (sdpa_split.merged_split_body): no merge
     # phase and no grid barrier of its own.
-    body = sdpa.from_state(sdpa.merged_split_body(), attention.scale)
+    body = sdpa.from_state(sdpa_split.merged_split_body(), attention.scale)
     constants = dict(D=dims, HEADS=heads, KV_HEADS=kv_heads, S=CAPACITY, WARPS=WARPS, SPLITS=splits)
     pointers = [("const T*", "q", "scratch"), ("const T*", "keys", "k_cache"), ("const T*", "values", "v_cache"),
                 ("float*", "parts", "MUTABLE(float, attn_parts)"), ("T*", "out", "MUTABLE(T, scratch) + ATTENDED_AT"),
                 ("unsigned int*", "shares_done",
-                 f"SHARE_COUNTERS(MUTABLE(float, attn_parts) + {sdpa.counters_at(heads, splits, dims)})")]
+                 f"SHARE_COUNTERS(MUTABLE(float, attn_parts) + {sdpa_split.counters_at(heads, splits, dims)})")]
     phases.append(_scope(constants, pointers, heads * splits, body, phase=1))
     # 3. o_proj + residual (the layer's input).
     constants, groups = _gemv_constants(hidden, heads * dims, o_proj, 1, blocks)
@@ -284,15 +260,13 @@ def layer_source(attention, mlp, backend: str = "cuda") -> tuple[KernelSource, l
     outputs = ("x_out",)
     body = layout + "\n".join(phases)
     if backend == "metal":
-        sync_at = sdpa.parts_size(heads, dims, splits)  # the barrier's two counters, after the parts
+        sync_at = sdpa_split.parts_size(heads, dims, splits)  # the barrier's two counters, after the parts
         return KernelSource(name + "_metal", tuple(inputs), outputs, fused_layer_metal.prologue(sync_at) + body,
                             qgemv._HEADER["metal"] + fused_layer_metal.HEADER), inputs
     header = qgemv._HEADER["cuda"] + _header()
     if TIMING:
-        marks_at = sdpa.parts_size(heads, dims, splits)  # after the attention's parts and counters
-        body = f"  constexpr int MARKS = {MARKS};\n  constexpr long MARKS_AT = {marks_at};\n" + _TIMING_START + body + _TIMING_END
-        header += _TIMING_HEADER
-        name += "_timed"
+        marks_at = sdpa_split.parts_size(heads, dims, splits)  # after the attention's parts and counters
+        body, header, name = fused_layer_timing.timed(body, header, name, marks_at)
     return KernelSource(name, tuple(inputs), outputs, body, header), inputs
 
 
@@ -379,8 +353,8 @@ def scratch_buffers(attention, mlp, dtype: mx.Dtype, backend: str = "cuda") -> t
     heads, dims = attention.n_heads, attention.rope.dims
     sizes = scratch_offsets(attention.qkv_proj.out_features, heads * dims, attention.o_proj.out_features,
                             mlp.down_proj.in_features)
-    # The attention's parts, one share counter per head (sdpa.merged_split_body), then the marks.
-    parts = sdpa.parts_size(heads, dims, attention_splits(heads, blocks_for(backend)))
+    # The attention's parts, one share counter per head (sdpa_split.merged_split_body), then the marks.
+    parts = sdpa_split.parts_size(heads, dims, attention_splits(heads, blocks_for(backend)))
     parts += fused_layer_metal.SYNC_SLOTS if backend == "metal" else (2 * MARKS if TIMING else 0)
     return scratch(sizes["scratch_size"], dtype), scratch(parts, mx.float32)
 

@@ -28,7 +28,7 @@ import os
 import mlx.core as mx
 
 from ..layers import Linear
-from . import embed, fused_layer, qgemv, qgemv_launch, qgemv_preload, sample, sdpa
+from . import embed, fused_layer, qgemv, qgemv_launch, qgemv_preload, sample, sdpa, sdpa_split
 
 QKV = qgemv.Variant(norm=True, bias=True, rope=True, fused=True)
 QKV_NO_BIAS = qgemv.Variant(norm=True, rope=True, fused=True)
@@ -110,16 +110,16 @@ class GpuKernels:
         return out, keys, values  # the kernel wrote the new rows into `keys` and `values` in place
 
     def attention(self, qkv, attention, state, keys, values):
-        if self.backend == "cuda":  # positions split over the GPU, the last share merging (sdpa.split_source)
+        if self.backend == "cuda":  # positions split over the GPU, the last share merging (sdpa_split.split_source)
             parts = self._attention_parts(attention)
-            arguments = sdpa.split_launch_arguments(qkv, keys, values, state, parts, attention.n_heads)
-            return self._kernel(sdpa.split_source(attention.scale))(**arguments)[0]
+            arguments = sdpa_split.split_launch_arguments(qkv, keys, values, state, parts, attention.n_heads)
+            return self._kernel(sdpa_split.split_source(attention.scale))(**arguments)[0]
         arguments = sdpa.fused_launch_arguments(qkv, keys, values, state, attention.n_heads)
         return self._kernel(sdpa.fused_source(attention.scale))(**arguments)[0]
 
     @staticmethod
     def _attention_parts(attention) -> mx.array:
-        return fused_layer.scratch(sdpa.parts_size(attention.n_heads, attention.rope.dims), mx.float32)
+        return fused_layer.scratch(sdpa_split.parts_size(attention.n_heads, attention.rope.dims), mx.float32)
 
     def residual(self, x, layer: Linear, residual):
         return self._gemv(RESIDUAL, None, x, layer, residual=residual)

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from foundry_mlx.kernels import embed, sample, sdpa
+from foundry_mlx.kernels import embed, sample, sdpa, sdpa_split
 
 from .metal_runs import run_source
 
@@ -75,7 +75,7 @@ def test_metal_fused_attention_reads_the_query_from_qkv_and_the_length_from_stat
 @pytest.mark.parametrize("position, splits", [(0, 3), (40, 3), (63, 4), (9, 16)])
 def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
     """The layer kernel's attention phase (kernels/fused_layer.py) as two Metal kernels: each head's
-    positions in `splits` shares (sdpa.split_body, partial softmaxes), then sdpa.MERGE_BODY. Shares
+    positions in `splits` shares (sdpa_split.split_body, partial softmaxes), then sdpa_split.MERGE_BODY. Shares
     that see no position (short contexts, many splits) must drop out of the merge."""
     from foundry_mlx.kernels.source import KernelSource
 
@@ -85,7 +85,7 @@ def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
     keys = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     values = mx.array(rng.standard_normal((1, kv_heads, length, dims)).astype(np.float32))
     state = sample.make_state(position, 0, 0, 0, 0)
-    body = sdpa.RUNTIME_S + sdpa.from_state(sdpa.split_body(), scale)
+    body = sdpa.RUNTIME_S + sdpa.from_state(sdpa_split.split_body(), scale)
     split = KernelSource("split_attention", ("q", "keys", "values", "state"), ("parts",), body)
     part_size = heads * splits * (dims + 2)
     (parts,) = run_source(split, dict(
@@ -93,7 +93,7 @@ def test_metal_split_attention_and_merge_equal_one_pass(position, splits):
         template=[("T", mx.float32), ("D", dims), ("HEADS", heads), ("KV_HEADS", kv_heads),
                   ("WARPS", warps), ("SPLITS", splits)],
         output_shapes=[(part_size,)], output_dtypes=[mx.float32]))
-    merge = KernelSource("merge_attention", ("parts",), ("out",), sdpa.MERGE_BODY)
+    merge = KernelSource("merge_attention", ("parts",), ("out",), sdpa_split.MERGE_BODY)
     (out,) = run_source(merge, dict(
         inputs=[mx.array(parts)], grid=(heads * 32, 1, 1), threadgroup=(32, 1, 1),
         template=[("T", mx.float32), ("D", dims), ("SPLITS", splits)],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from foundry_mlx import kernels
-from foundry_mlx.kernels import sdpa
+from foundry_mlx.kernels import sdpa, sdpa_split
 
 from .metal_runs import run_source
 
@@ -62,7 +62,7 @@ def test_gpu_decode_attention_matches_mlx(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_gpu_split_attention_with_last_share_merge_matches_mlx(dtype):
-    """sdpa.split_source (CUDA): a head's positions in shares, the last share to finish merging.
+    """sdpa_split.split_source (CUDA): a head's positions in shares, the last share to finish merging.
     Every case runs three times in one evaluation, with split counts changing from launch to
     launch: each launch must leave the per-head counters at zero for the next."""
     from foundry_mlx.kernels import sample
@@ -73,11 +73,11 @@ def test_gpu_split_attention_with_last_share_merge_matches_mlx(dtype):
     for heads, kv_heads, head_dim, length, valid in CASES * 3:
         q, keys, values = (a.astype(getattr(mx, dtype)) for a in inputs(heads, kv_heads, head_dim, length, seed=valid))
         qkv = mx.concatenate([q, mx.zeros(2 * kv_heads * head_dim, dtype=q.dtype)])
-        parts = mx.zeros(sdpa.parts_size(heads, head_dim), dtype=mx.float32)
+        parts = mx.zeros(sdpa_split.parts_size(heads, head_dim), dtype=mx.float32)
         state = sample.make_state(valid - 1, 0, 0, 0, 0)
         scale = sdpa.default_scale(head_dim)
-        kernel = sdpa.split_source(scale).build("cuda")
-        outs.append(kernel(**sdpa.split_launch_arguments(qkv, keys, values, state, parts, heads))[0])
+        kernel = sdpa_split.split_source(scale).build("cuda")
+        outs.append(kernel(**sdpa_split.split_launch_arguments(qkv, keys, values, state, parts, heads))[0])
         expected.append(sdpa.reference(q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32),
                                        valid, scale))
     mx.eval(outs, expected)
@@ -88,16 +88,16 @@ def test_gpu_split_attention_with_last_share_merge_matches_mlx(dtype):
 
 @pytest.mark.parametrize("heads, capacity", [(14, 256), (14, 4096), (28, 2304), (64, 8192), (2, 64)])
 def test_split_counts_fill_the_gpu_without_tiny_shares(heads, capacity):
-    splits = sdpa.splits_for(heads, capacity)
-    assert 1 <= splits <= sdpa.MAX_SPLITS
-    assert heads * splits <= max(sdpa.TARGET_BLOCKS, heads)
+    splits = sdpa_split.splits_for(heads, capacity)
+    assert 1 <= splits <= sdpa_split.MAX_SPLITS
+    assert heads * splits <= max(sdpa_split.TARGET_BLOCKS, heads)
     assert splits == 1 or capacity // splits >= 64
 
 
 def test_split_source_merges_in_the_last_share_and_wraps_its_counter():
-    source = sdpa.split_source(0.125)
+    source = sdpa_split.split_source(0.125)
     assert source.body.count("atomicInc(shares_done + head, last)") == 1
     assert "MUTABLE(float, parts) + COUNTERS_AT" in source.body  # counters after the parts, in the scratch
-    assert sdpa.parts_size(28, 128) == 28 * sdpa.MAX_SPLITS * 130 + 28
+    assert sdpa_split.parts_size(28, 128) == 28 * sdpa_split.MAX_SPLITS * 130 + 28
     assert "__ldcg(part + 1)" in source.body  # other shares' parts read from L2, past L1
     assert "SPLITS = (int)gridDim.x / HEADS" in source.body  # one compile for every split count
