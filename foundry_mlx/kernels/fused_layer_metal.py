@@ -14,7 +14,7 @@ grid barrier its counters.
   once (tests/kernels/test_fused_layer_metal.py), where memory is coherent. Whether a real Apple
   GPU keeps the launch's threadgroups resident and its writes visible across them at these
   barriers is what a Mac user checks with `foundry-mlx bench` and FOUNDRY_LAYER_KERNEL=1 (the
-  CPU harness, far slower than a GPU, raises the spin bound FOUNDRY_SPIN_LIMIT); the
+  CPU harness, far slower than a GPU, lifts the spin bound: FOUNDRY_SPIN_LIMIT 0); the
   grid is FOUNDRY_LAYER_BLOCKS threadgroups (default 16 on Metal), which must not exceed what
   the GPU keeps resident.
 """
@@ -49,7 +49,8 @@ inline void foundry_grid_sync_metal(device atomic_uint* sync, uint groups, uint 
       atomic_fetch_add_explicit(sync + 1, 1u, memory_order_relaxed);
     } else {
       uint spins = 0;
-      while (atomic_load_explicit(sync + 1, memory_order_relaxed) == generation && ++spins < FOUNDRY_SPIN_LIMIT) {}
+      while (atomic_load_explicit(sync + 1, memory_order_relaxed) == generation &&
+           (FOUNDRY_SPIN_LIMIT == 0u || ++spins < FOUNDRY_SPIN_LIMIT)) {}
     }
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
