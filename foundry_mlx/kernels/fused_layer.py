@@ -148,11 +148,11 @@ def _scope(constants: dict, pointers: list[tuple[str, str, str]], groups: int, b
     return "\n".join(line for line in lines if line)
 
 
-def _gemv_phase(variant, eps, constants: dict, pointers: list, groups: int, phase: int, slots_k: tuple[int, int],
-                before_wait: str = "", blocks: int = BLOCKS) -> str:
+def _gemv_phase(variant, eps, constants: dict, pointers: list, groups: int, phase: int, before_wait: str = "",
+                blocks: int = BLOCKS) -> str:
     """A GEMV phase, with its weights loaded before the barrier where they fit in registers
     (PRELOAD_REGISTERS) and the phase takes one round of the blocks; the loop form otherwise."""
-    if PRELOAD and groups <= blocks and qgemv_preload.preload_registers(*slots_k, constants) <= PRELOAD_REGISTERS:
+    if PRELOAD and groups <= blocks and qgemv_preload.fits(constants, variant.rows_per_unit, PRELOAD_REGISTERS):
         load, compute = qgemv_preload.preloaded_body(variant, eps)
         return _scope(constants, pointers, groups, compute, phase, preload=load, before_wait=before_wait)
     return _scope(constants, pointers, groups, qgemv.body(variant, eps), phase, before_wait=before_wait)
@@ -210,8 +210,8 @@ def layer_source(attention, mlp, backend: str = "cuda") -> tuple[KernelSource, l
     if has_bias:
         pointers.append(("const T*", "bias", "qkv_bias"))
     prefetch = _prefetch(o_proj, gate_up, down, kv_heads, dims)
-    phases.append(_gemv_phase(variant, attention.eps, constants, pointers, groups, 0, (constants["ROWS"] * 2, hidden),
-                              before_wait=prefetch, blocks=blocks))
+    phases.append(_gemv_phase(variant, attention.eps, constants, pointers, groups, 0, before_wait=prefetch,
+                              blocks=blocks))
     # 2. Attention of every query head over the first state[0] + 1 positions, each head's positions
     # split into SPLITS shares (one virtual threadgroup each).
     splits = attention_splits(heads, blocks)
@@ -230,20 +230,20 @@ def layer_source(attention, mlp, backend: str = "cuda") -> tuple[KernelSource, l
     pointers = [("const T*", "residual", "x"), ("const T*", "x", "scratch + ATTENDED_AT"), ("const uint32_t*", "w", "o_w"),
                 ("const T*", "scales", "o_scales"), ("const T*", "biases", "o_biases"), ("T*", "y", "MUTABLE(T, scratch) + H_AT")]
     phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 2,
-                              (constants["ROWS"], heads * dims), blocks=blocks))
+                              blocks=blocks))
     # 4. RMSNorm + gate/up + SwiGLU.
     constants, groups = _gemv_constants(ffn, hidden, gate_up, 2, blocks)
     pointers = [("const T*", "x", "scratch + H_AT"), ("const uint32_t*", "w", "gate_up_w"), ("const T*", "scales", "gate_up_scales"),
                 ("const T*", "biases", "gate_up_biases"), ("const T*", "norm_weight", "post_norm"),
                 ("T*", "y", "MUTABLE(T, scratch) + ACTIVATED_AT")]
     phases.append(_gemv_phase(qgemv.Variant(norm=True, swiglu=True, fused=True), mlp.eps, constants, pointers, groups, 3,
-                              (constants["ROWS"] * 2, hidden), blocks=blocks))
+                              blocks=blocks))
     # 5. down + residual: the layer's output.
     constants, groups = _gemv_constants(hidden, ffn, down, 1, blocks)
     pointers = [("const T*", "x", "scratch + ACTIVATED_AT"), ("const uint32_t*", "w", "down_w"), ("const T*", "scales", "down_scales"),
                 ("const T*", "biases", "down_biases"), ("const T*", "residual", "scratch + H_AT"), ("T*", "y", "x_out")]
     phases.append(_gemv_phase(qgemv.Variant(residual=True, fused=True), None, constants, pointers, groups, 4,
-                              (constants["ROWS"], ffn), before_wait=_NEXT_QKV_PREFETCH, blocks=blocks))
+                              before_wait=_NEXT_QKV_PREFETCH, blocks=blocks))
     inputs = ["x", "qkv_w", "qkv_scales", "qkv_biases", "input_norm"] + (["qkv_bias"] if has_bias else [])
     inputs += ["inv_freq", "state", "k_cache", "v_cache", "o_w", "o_scales", "o_biases", "post_norm",
                "gate_up_w", "gate_up_scales", "gate_up_biases", "down_w", "down_scales", "down_biases",

@@ -37,12 +37,12 @@ ENABLED = os.environ.get("FOUNDRY_GEMV_PRELOAD", "") == "1"
 REGISTERS = 128
 
 
-def preload_registers(slots: int, k: int, constants_: dict) -> int:
-    """32-bit registers per thread the preloaded form holds its weights in (see `preloaded_body`)."""
-    step = 32 * constants_["CHUNK"]
-    iters = -(-k // (constants_["WARPS_K"] * step))
-    words = constants_["CHUNK"] * constants_["BITS"] // 32
-    return iters * slots * (words + 2)
+def preload_registers(template: dict, rows_per_unit: int) -> int:
+    """32-bit registers per thread the preloaded form holds a launch's weights in (`preloaded_body`),
+    from the launch's template constants."""
+    iters = -(-template["K"] // (template["WARPS_K"] * 32 * template["CHUNK"]))
+    words = template["CHUNK"] * template["BITS"] // 32
+    return iters * template["ROWS"] * rows_per_unit * (words + 2)
 
 
 def preloaded_body(variant: Variant, eps: float | None = None) -> tuple[str, str]:
@@ -131,9 +131,9 @@ def _epilogue_operands(variant: Variant) -> tuple[str, tuple]:
     return text, tuple((read, f"{name}[u]") for name, _, read in chosen)
 
 
-def fits(template: dict, rows_per_unit: int) -> bool:
-    """Whether a launch with these template constants holds its weights in REGISTERS per thread."""
-    return preload_registers(template["ROWS"] * rows_per_unit, template["K"], template) <= REGISTERS
+def fits(template: dict, rows_per_unit: int, registers: int = REGISTERS) -> bool:
+    """Whether a launch with these template constants holds its weights in `registers` per thread."""
+    return preload_registers(template, rows_per_unit) <= registers
 
 
 def standalone_source(variant: Variant, backend: str, eps: float | None = None) -> KernelSource:

@@ -209,17 +209,15 @@ def run_metal_kernel(
     pointers = (ctypes.c_void_p * max(len(buffers), 1))(*[b.address for b in buffers])
     ids = None
     count = -1
+    total = math.prod(-(-g // min(t, g)) if g else 0 for g, t in zip(grid_dims, group_dims, strict=True))
     if groups is not None:
-        per_axis = [-(-g // min(t, g)) if g else 0 for g, t in zip(grid_dims, group_dims, strict=True)]
-        total = math.prod(per_axis)
         id_array = np.asarray(list(groups), dtype=np.int64).reshape(-1)
         if id_array.size and (id_array.min() < 0 or id_array.max() >= total):
             raise ValueError(f"group ids must lie in [0, {total})")
         ids = id_array.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
         count = int(id_array.size)
     if groups_at_once:
-        per_axis = [-(-g // min(t, g)) if g else 0 for g, t in zip(grid_dims, group_dims, strict=True)]
-        chosen = list(groups) if groups is not None else list(range(math.prod(per_axis)))
+        chosen = list(groups) if groups is not None else list(range(total))
         _launch_at_once(library, kernel.kernel_name, pointers, dims, chosen, SCHEDULES[schedule], seed, timeout_s)
     else:
         message = ctypes.create_string_buffer(4096)
