@@ -20,10 +20,14 @@ import time
 FOUNDRY = """
 import time; start = float(__import__('sys').argv[1])
 import foundry_mlx as fm
+imported = time.time()
 model, tokenizer = fm.load(__import__('sys').argv[2], progress=False)
+loaded = time.time()
 for r in fm.stream_generate(model, tokenizer, list(range(100, 116)), max_tokens=1, ignore_eos=True):
     pass
-print(time.time() - start)
+now = time.time()
+print(f"split: import {imported - start:.2f} s, load {loaded - imported:.2f} s, first token {now - loaded:.2f} s")
+print(now - start)
 """
 MLX_LM = """
 import time; start = float(__import__('sys').argv[1])
@@ -41,7 +45,11 @@ def once(script: str, model: str, cache_dir: str) -> float:
                          text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        if line.startswith("split:"):
+            print("   ", line, flush=True)
+    return float(lines[-1])
 
 
 def main() -> None:
