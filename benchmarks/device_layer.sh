@@ -8,6 +8,7 @@
 # SPECS="shape quant [engines [NAME=value]];...": foundry-mlx vs mlx-lm (or the engines named) decode
 #   after prompts of 128 and 2,048 tokens, with a switch set for that run if one is named, e.g.
 #   SPECS="qwen2.5-7b 4bit foundry;qwen2.5-7b 4bit foundry FOUNDRY_GEMV_PRELOAD=1".
+# STARTUP=1 / LLAMA=1: see their blocks at the end.
 set -o pipefail
 bash .device/b/install.sh || exit 3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
@@ -36,3 +37,20 @@ for spec in "${specs[@]}"; do
     ${BENCH_ARGS:---prompt-lengths 128 --depths 0,2048 --decode-tokens 128 --trials 3} \
     --out $R/h200-$1-$2${4:+-${4%%=*}}-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -14
 done
+# STARTUP=1: benchmarks/startup_bench.py (first token in a fresh process, MLX's cache cold and warm, vs mlx-lm).
+if [ -n "$STARTUP" ]; then
+  timeout ${STARTUP_TIMEOUT:-300} python3 benchmarks/startup_bench.py /tmp/random-qwen2.5-0.5b-4bit \
+    --out $R/h200-startup-${REVISION:-unknown} 2>&1 | tail -12 | tee $R/h200-startup-${REVISION:-unknown}.txt
+fi
+# LLAMA=1: llama.cpp's llama-bench on the same-shape 0.5B GGUFs, if .device/llcpp/build.sh has finished on this machine.
+if [ -n "$LLAMA" ]; then
+  B=/root/ll/llama.cpp/build/bin
+  if tail -1 /root/llkit/build.log 2>/dev/null | grep -q "BUILD rc=0"; then
+    { $B/llama-bench -m /root/llkit/synth-0.5b-Q4_K_M.gguf -p 128,512 -n 128 -ngl 99 -r 3 -o md
+      $B/llama-bench -m /root/llkit/synth-0.5b-Q4_0.gguf -p 128 -n 128 -ngl 99 -r 3 -o md
+      $B/llama-bench -m /root/llkit/synth-0.5b-Q4_0.gguf -d 2048 -n 128 -p 0 -ngl 99 -r 3 -o md; } 2>&1 \
+      | grep "^|" | tee $R/h200-llamacpp-${REVISION:-unknown}.md
+  else
+    echo "llama.cpp build not finished: $(tail -1 /root/llkit/build.log 2>/dev/null)"
+  fi
+fi
