@@ -19,10 +19,12 @@ import csv, collections
 rows = [r for r in csv.reader(open('/tmp/ncu-decode.csv')) if len(r) > 10]
 head, rows = rows[0], rows[1:]
 name_i, metric_i, value_i = head.index('Kernel Name'), head.index('Metric Name'), head.index('Metric Value')
+unit_i = head.index('Metric Unit')
+SCALE = {'nsecond': 1, 'usecond': 1e3, 'msecond': 1e6, 'byte': 1, 'Kbyte': 1e3, 'Mbyte': 1e6, 'Gbyte': 1e9}
 total = collections.defaultdict(lambda: [0, 0.0, 0.0])
 for r in rows:
     key = r[name_i].split('(')[0][-60:]
-    v = float(r[value_i].replace(',', ''))
+    v = float(r[value_i].replace(',', '')) * SCALE.get(r[unit_i], 1)
     if r[metric_i] == 'gpu__time_duration.sum':
         total[key][0] += 1; total[key][1] += v
     else:
