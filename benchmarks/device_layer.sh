@@ -5,7 +5,7 @@
 #   kernels, greedy tokens = reference path, split attention = MLX's SDPA, the sampling kernel's
 #   distribution), with short tracebacks.
 # TIMING=1: benchmarks/layer_timing.py's clock marks per phase, at depths 128 and 2048.
-# SPECS="shape quant [engines [NAME=value]];...": foundry-mlx vs mlx-lm (or the engines named) decode
+# SPECS="shape quant [engines [NAME=value ...]];...": foundry-mlx vs mlx-lm (or the engines named) decode
 #   after prompts of 128 and 2,048 tokens, with a switch set for that run if one is named, e.g.
 #   SPECS="qwen2.5-7b 4bit foundry;qwen2.5-7b 4bit foundry FOUNDRY_GEMV_PRELOAD=1".
 # STARTUP=1 / LLAMA=1: see their blocks at the end.
@@ -21,7 +21,7 @@ for spec in "qwen2.5-0.5b 4bit" "${specs[@]}"; do
     >/dev/null 2>&1 || exit 4
 done
 if [ -n "$TESTS" ]; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/kernels/test_fused_gpu.py tests/kernels/test_sdpa.py \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu ${TEST_FILES:-tests/kernels/test_fused_gpu.py tests/kernels/test_sdpa.py} \
     -k "${TEST_FILTER:-layer_kernel or greedy or split or distribution}" --tb=short -p no:cacheprovider 2>&1 \
     | tail -60 | tee $R/h200-gpu-tests-${REVISION:-unknown}.log
 fi
@@ -31,11 +31,12 @@ if [ -n "$TIMING" ]; then
 fi
 for spec in "${specs[@]}"; do
   set -- $spec
-  echo "== $1 $2 ${3:-foundry,mlx-lm} ${4:-}"
-  env ${4:-FOUNDRY_NOTHING=} timeout ${BENCH_TIMEOUT:-300} python3 -m foundry_mlx bench -m /tmp/random-$1-$2 \
+  switches="${*:4}"; tag=$(echo "$switches" | sed 's/FOUNDRY_//g; s/=/-/g; s/ /_/g')
+  echo "== $1 $2 ${3:-foundry,mlx-lm} $switches"
+  env FOUNDRY_NOTHING= $switches timeout ${BENCH_TIMEOUT:-300} python3 -m foundry_mlx bench -m /tmp/random-$1-$2 \
     --engines ${3:-foundry,mlx-lm} \
     ${BENCH_ARGS:---prompt-lengths 128 --depths 0,2048 --decode-tokens 128 --trials 3} \
-    --out $R/h200-$1-$2${4:+-${4%%=*}}-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -14
+    --out $R/h200-$1-$2${tag:+-$tag}-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -${BENCH_TAIL:-14}
 done
 # STARTUP=1: benchmarks/startup_bench.py (first token in a fresh process, MLX's cache cold and warm, vs mlx-lm).
 if [ -n "$STARTUP" ]; then

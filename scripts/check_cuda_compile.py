@@ -6,6 +6,12 @@ It writes the source exactly as MLX's `cuda_kernel` assembles it (mlx/backend/cu
 device headers (from an MLX source checkout: --mlx-source DIR, the folder holding `mlx/`).
 
     python scripts/check_cuda_compile.py --mlx-source /path/to/mlx
+
+With --nvrtc it compiles each text as kernels/cuda_cache.py does (NVRTC, MLX's options, the stand-in for
+MLX's utils.cuh): that the stand-in declares all our kernels use.
+
+    python scripts/check_cuda_compile.py --nvrtc .../nvidia/cu13/lib/libnvrtc.so.13 --cccl .../mlx/include/cccl \
+        --cuda-include /usr/local/cuda/include
 """
 
 from __future__ import annotations
@@ -22,29 +28,35 @@ sys.path.insert(0, str(ROOT))
 
 from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, qgemv_launch, sample, sdpa, sdpa_split  # noqa: E402
 
-CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t", "int32": "int32_t"}
-
 
 def mlx_cuda_source(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], header: str, body: str,
                     template: list[tuple[str, object]]) -> str:
-    lines = ['#include "mlx/backend/cuda/device/utils.cuh"', "", "#include <cooperative_groups.h>", "", header,
-             "namespace mlx::core::cu {", "", "namespace cg = cooperative_groups;", "", f"__global__ void {name}("]
-    params = []
-    for arg, dtype in inputs:  # MLX adds `<name>_shape` after an input whose shape the body reads
-        params.append(f"    const {CUDA_TYPES[dtype]}* {arg}")
-        if f"{arg}_shape" in body:
-            params.append(f"    const __grid_constant__ Shape {arg}_shape")
-    params += [f"    {CUDA_TYPES[dtype]}* {arg}" for arg, dtype in outputs]
-    lines.append(",\n".join(params) + ") {")
-    for key, value in template:
-        if isinstance(value, bool):
-            lines.append(f"  constexpr bool {key} = {str(value).lower()};")
-        elif isinstance(value, int):
-            lines.append(f"  constexpr int {key} = {value};")
-        else:
-            lines.append(f"  using {key} = {CUDA_TYPES[value]};")
-    lines += ["", body, "}", "", "} // namespace mlx::core::cu"]
-    return "\n".join(lines)
+    """MLX's text for the kernel (kernels/cuda_cache.py rebuilds it as custom_kernel.cpp does), dtypes as names."""
+    import mlx.core as mx
+
+    from foundry_mlx.kernels import cuda_cache
+
+    arrays = [mx.zeros((1,), dtype=getattr(mx, dtype)) for _, dtype in inputs]
+    template = [(key, getattr(mx, value) if isinstance(value, str) else value) for key, value in template]
+    return cuda_cache.mlx_source(name, header, body, [n for n, _ in inputs], arrays, [n for n, _ in outputs],
+                                 [getattr(mx, dtype) for _, dtype in outputs], template)
+
+
+def _nvcc_or_nvrtc(args, path: Path, text: str, info: list[str]):
+    """Compile `text` with nvcc against MLX's device headers, or (--nvrtc) with NVRTC as kernels/cuda_cache.py does."""
+    if args.nvrtc:
+        from foundry_mlx.kernels import cuda_cache, nvrtc
+
+        options = ["--device-as-default-execution-space", "--gpu-architecture=sm_90a",
+                   f"--include-path={args.cccl}", f"--include-path={args.cuda_include}"]
+        try:
+            nvrtc.compile_program(text, path.name, options, {"mlx/backend/cuda/device/utils.cuh": cuda_cache.STAND_IN_UTILS},
+                                  [], lib=nvrtc.library(args.nvrtc))
+            return subprocess.CompletedProcess([], 0, "", "")
+        except nvrtc.NvrtcError as error:
+            return subprocess.CompletedProcess([], 1, "", str(error))
+    return subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null", f"-I{args.mlx_source}",
+                           *info, str(path)], capture_output=True, text=True)
 
 
 def variants():
@@ -63,8 +75,7 @@ def _compile(args, scratch: Path, label: str, name: str, source, types: dict, ou
     path = scratch / f"{name}.cu"
     path.write_text(text)
     info = ["-Xptxas", "-v"] if args.ptxas_info else []
-    result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null", f"-I{args.mlx_source}",
-                             *info, str(path)], capture_output=True, text=True)
+    result = _nvcc_or_nvrtc(args, path, text, info)
     print(f"{'ok' if result.returncode == 0 else 'FAILED':6s} {label}")
     if args.ptxas_info:  # registers, spills and shared memory per kernel
         print("\n".join(line for line in result.stderr.splitlines() if "Used" in line or "spill" in line))
@@ -198,11 +209,16 @@ def compile_qgemm(args, scratch: Path) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mlx-source", required=True, type=Path)
+    parser.add_argument("--mlx-source", type=Path, help="MLX source checkout (nvcc compiles against its headers)")
+    parser.add_argument("--nvrtc", type=Path, help="libnvrtc.so: compile as kernels/cuda_cache.py does instead of nvcc")
+    parser.add_argument("--cccl", type=Path, help="with --nvrtc: CCCL headers (MLX's CUDA wheel: mlx/include/cccl)")
+    parser.add_argument("--cuda-include", type=Path, default=Path("/usr/local/cuda/include"), help="with --nvrtc")
     parser.add_argument("--nvcc", default="nvcc")
     parser.add_argument("--only", choices=["qgemm", "layer", "fused"], help="compile only this kernel family")
     parser.add_argument("--ptxas-info", action="store_true", help="print each kernel's registers and spills")
     args = parser.parse_args()
+    if not args.nvrtc and not args.mlx_source:
+        parser.error("give --mlx-source (nvcc) or --nvrtc and --cccl")
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
         if args.only == "qgemm":
@@ -219,8 +235,7 @@ def main() -> int:
                                    [("out", dtype)], header, body, template)
             path = Path(scratch) / f"attention_{dtype}.cu"
             path.write_text(text)
-            result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null",
-                                     f"-I{args.mlx_source}", str(path)], capture_output=True, text=True)
+            result = _nvcc_or_nvrtc(args, path, text, [])
             print(f"{'ok' if result.returncode == 0 else 'FAILED':6s} decode attention {dtype}")
             if result.returncode:
                 print(result.stderr[-3000:])
@@ -238,8 +253,7 @@ def main() -> int:
                                    [("y", dtype)], header, body, template)
             path = Path(scratch) / f"{source.name}_{dtype}_{bits}.cu"
             path.write_text(text)
-            result = subprocess.run([args.nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", "/dev/null",
-                                     f"-I{args.mlx_source}", str(path)], capture_output=True, text=True)
+            result = _nvcc_or_nvrtc(args, path, text, [])
             status = "ok" if result.returncode == 0 else "FAILED"
             print(f"{status:6s} {source.name} {dtype} bits={bits}")
             if result.returncode:

@@ -295,13 +295,16 @@ def tail(variant: Variant, unrolled: bool = False) -> str:
 """
 
 
-def body(variant: Variant, eps: float | None = None) -> str:
+def body(variant: Variant, eps: float | None = None, unroll: int = 1) -> str:
+    """`unroll` > 1 unrolls the walk along K that many steps, so a SIMD-group has that many steps'
+    weight loads in flight instead of one (the standalone kernels' FOUNDRY_GEMV_UNROLL)."""
     stage, x_source = norm_stage(variant, eps)
+    pragma = f"\n#pragma unroll {unroll}" if unroll > 1 else ""
     return f"""{constants(variant.rows_per_unit)}
 {stage}{INDEXING}
   float acc[SLOTS];
   for (int r = 0; r < SLOTS; ++r) acc[r] = 0.0f;
-  if (first_unit < UNITS) {{
+  if (first_unit < UNITS) {{{pragma}
     for (int base = (warp_k * 32 + (int)lane) * E; base < K; base += WARPS_K * STEP) {{
       float xs[E];
       LOAD_FLOATS(T, E, {x_source} + base, xs);
@@ -327,8 +330,14 @@ def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> K
     name = variant.name
     if variant.fused and variant.norm:
         name += "_eps" + literal_tag(eps)
-    return KernelSource(name, variant.input_names(), ("y",), runtime_capacity(variant) + body(variant, eps),
-                        _HEADER[backend])
+    return KernelSource(name, variant.input_names(), ("y",),
+                        runtime_capacity(variant) + body(variant, eps, unroll=unroll_steps()), _HEADER[backend])
+
+
+def unroll_steps() -> int:
+    """FOUNDRY_GEMV_UNROLL: steps along K the standalone GEMVs unroll (1, the default, leaves the
+    loop to the compiler). A setting to measure on the 7B's five-kernel step."""
+    return max(1, int(os.environ.get("FOUNDRY_GEMV_UNROLL", "1")))
 
 
 def runtime_capacity(variant: Variant) -> str:

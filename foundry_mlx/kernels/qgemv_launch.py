@@ -19,6 +19,10 @@ WARPS = 8  # SIMD-groups per threadgroup
 # (FOUNDRY_GEMV_TARGET_WARPS): on the H200 the 7B o_proj (3,584 × 3,584, K split 4 ways over 1,792
 # threadgroups) ran at 0.71× MLX's quantized_matmul + add (h200-kernels-e2a593b.md).
 TARGET_WARPS = int(os.environ.get("FOUNDRY_GEMV_TARGET_WARPS", "8192"))
+# Rows per SIMD-group, when set (FOUNDRY_GEMV_ROWS, a setting to measure): more rows reuse each
+# loaded slice of x and keep more weight loads in flight per SIMD-group (the 7B's down_proj reads
+# 4 bytes of x per byte of weights at one row).
+ROWS = int(os.environ.get("FOUNDRY_GEMV_ROWS", "0"))
 
 
 def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
@@ -28,7 +32,7 @@ def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
     projection: 896 rows of 4864): split K over the threadgroup's SIMD-groups, so that enough of
     them run at once to hide memory latency; they add their partial sums through shared memory.
     """
-    rows = 2 if units >= 16384 else 1
+    rows = ROWS or (2 if units >= 16384 else 1)
     steps = -(-k // (32 * chunk(bits)))
     split = 1
     while split < WARPS and split * 2 <= steps and -(-units // rows) * split < TARGET_WARPS:

@@ -101,18 +101,26 @@ class KernelSource:
         return compact(header), compact(source)
 
     def build(self, backend: str):
-        """The MLX kernel object (compiled lazily by MLX on first call)."""
+        """The MLX kernel object (compiled lazily by MLX on first call; on CUDA, into MLX's on-disk
+        cache by kernels/cuda_cache.py, so later processes load it instead of compiling)."""
         import mlx.core as mx
 
         header, source = self.launch_text(backend)
         make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        return make(
+        kernel = make(
             name=f"{self.name}_{backend}",
             input_names=list(self.input_names),
             output_names=list(self.output_names),
             source=source,
             header=header,
         )
+        if backend == "cuda":  # compiled once per machine, not per process: kernels/cuda_cache.py
+            from . import cuda_cache
+
+            if cuda_cache.enabled():
+                return cuda_cache.CachedCudaKernel(kernel, f"{self.name}_{backend}", header, source, self.input_names,
+                                                   self.output_names)
+        return kernel
 
 
 def rewritten(text: str, replacements, once: bool = False) -> str:
