@@ -331,13 +331,15 @@ def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> K
     if variant.fused and variant.norm:
         name += "_eps" + literal_tag(eps)
     return KernelSource(name, variant.input_names(), ("y",),
-                        runtime_capacity(variant) + body(variant, eps, unroll=unroll_steps()), _HEADER[backend])
+                        runtime_capacity(variant) + body(variant, eps, unroll=unroll_steps(backend)),
+                        _HEADER[backend])
 
 
-def unroll_steps() -> int:
-    """FOUNDRY_GEMV_UNROLL: steps along K the standalone GEMVs unroll (1, the default, leaves the
-    loop to the compiler). A setting to measure on the 7B's five-kernel step."""
-    return max(1, int(os.environ.get("FOUNDRY_GEMV_UNROLL", "1")))
+def unroll_steps(backend: str) -> int:
+    """Steps along K the standalone GEMVs unroll: 2 on CUDA, measured with two rows per SIMD-group
+    (qgemv_launch.STANDALONE_ROWS; 4 steps measured slower), 1 on Metal (the compiler's choice,
+    until measured there). FOUNDRY_GEMV_UNROLL overrides."""
+    return max(1, int(os.environ.get("FOUNDRY_GEMV_UNROLL", "2" if backend == "cuda" else "1")))
 
 
 def runtime_capacity(variant: Variant) -> str:

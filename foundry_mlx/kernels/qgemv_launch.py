@@ -19,20 +19,26 @@ WARPS = 8  # SIMD-groups per threadgroup
 # (FOUNDRY_GEMV_TARGET_WARPS): on the H200 the 7B o_proj (3,584 × 3,584, K split 4 ways over 1,792
 # threadgroups) ran at 0.71× MLX's quantized_matmul + add (h200-kernels-e2a593b.md).
 TARGET_WARPS = int(os.environ.get("FOUNDRY_GEMV_TARGET_WARPS", "8192"))
-# Rows per SIMD-group, when set (FOUNDRY_GEMV_ROWS, a setting to measure): more rows reuse each
-# loaded slice of x and keep more weight loads in flight per SIMD-group (the 7B's down_proj reads
-# 4 bytes of x per byte of weights at one row).
+# Rows per SIMD-group of every GEMV, when set (FOUNDRY_GEMV_ROWS, a setting to measure).
 ROWS = int(os.environ.get("FOUNDRY_GEMV_ROWS", "0"))
+# The standalone kernels' rows per SIMD-group on CUDA (the five-kernel step, how the 7B decodes):
+# two rows reuse each loaded slice of x (at one row the 7B's down_proj read 4 bytes of x per byte
+# of weights) and keep twice the weight loads in flight. With FOUNDRY_GEMV_UNROLL's 2 (qgemv.py)
+# the 7B 4-bit decode went from 369 to 401-403 tok/s at depth 0 and 321 to 345 at depth 2048 on the
+# H200 (h200-qwen2.5-7b-4bit-GEMV_ROWS-2_GEMV_UNROLL-2-59b32d8.md; 4 rows: 389, unroll 4: 371-384).
+# Metal keeps the one-row rule until measured on an Apple GPU; the layer kernel's phases (0.5B)
+# keep it too (shape_constants' default).
+STANDALONE_ROWS = {"cuda": 2}
 
 
-def geometry(units: int, k: int, bits: int) -> tuple[int, int, int]:
+def geometry(units: int, k: int, bits: int, rows: int = 0) -> tuple[int, int, int]:
     """(rows per SIMD-group, SIMD-groups along N, SIMD-groups along K) for one launch.
 
     Many units: two per SIMD-group (x is loaded once for both). Few units with a long K (the down
     projection: 896 rows of 4864): split K over the threadgroup's SIMD-groups, so that enough of
     them run at once to hide memory latency; they add their partial sums through shared memory.
     """
-    rows = ROWS or (2 if units >= 16384 else 1)
+    rows = ROWS or rows or (2 if units >= 16384 else 1)
     steps = -(-k // (32 * chunk(bits)))
     split = 1
     while split < WARPS and split * 2 <= steps and -(-units // rows) * split < TARGET_WARPS:
@@ -57,10 +63,11 @@ class Launch:
                     output_shapes=[self.output_shape], output_dtypes=[self.output_dtype])
 
 
-def shape_constants(units: int, k: int, bits: int, group_size: int) -> tuple[dict[str, int], int]:
+def shape_constants(units: int, k: int, bits: int, group_size: int, rows: int = 0) -> tuple[dict[str, int], int]:
     """The shape's template constants and the threadgroups that cover its units: one place for the
-    geometry → template mapping (the per-kernel launch and the layer kernel's phases both use it)."""
-    rows, warps_n, warps_k = geometry(units, k, bits)
+    geometry → template mapping (the per-kernel launch and the layer kernel's phases both use it).
+    `rows` per SIMD-group overrides geometry's rule (0 keeps it)."""
+    rows, warps_n, warps_k = geometry(units, k, bits, rows)
     constants = dict(BITS=bits, GROUP=group_size, K=k, UNITS=units, ROWS=rows, WARPS_N=warps_n, WARPS_K=warps_k,
                      CHUNK=chunk(bits))
     return constants, -(-units // (warps_n * rows))
@@ -110,8 +117,19 @@ def launch(
     units = n_rows // variant.rows_per_unit
     if variant.norm and k * dtype.size > MAX_STAGED_BYTES:
         raise ValueError(f"K={k} is too wide to stage in shared memory; use the reference path")
-    constants, groups = shape_constants(units, k, weight.bits, weight.group_size)
+    constants, groups = shape_constants(units, k, weight.bits, weight.group_size, _standalone_rows())
     template = [("T", dtype), *constants.items(), ("HALF", max(half, 1)), ("ROPE_ROWS", rope_rows)] + cache_template
     out = (units,) if variant.swiglu else (n_rows,)
     threads = WARPS * 32
     return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), out, dtype)
+
+
+_backend: list = []
+
+
+def _standalone_rows() -> int:
+    if not _backend:
+        from . import gpu_backend
+
+        _backend.append(gpu_backend())
+    return STANDALONE_ROWS.get(_backend[0], 0)

@@ -54,3 +54,21 @@ def test_preloaded_form_matches_reference(case):
     assert load in source.body and compute in source.body
     (output,) = run_source(source, launch.arguments())
     compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("qkv_896x1152_b8", "down_4864x896_b4_residual",
+                                                                  "edge_96x37_b6", "edge_rope_no_bias_b4",
+                                                                  "edge_swiglu_g128_b6_f16")], ids=lambda c: c.id)
+def test_cuda_standalone_geometry_matches_reference(case, monkeypatch):
+    """The standalone kernels' CUDA settings (two rows per SIMD-group, the K walk unrolled two steps)
+    in the Metal rendition: units not a multiple of the rows, odd K steps, every epilogue."""
+    monkeypatch.setattr(qgemv_launch, "_backend", ["cuda"])
+    monkeypatch.setenv("FOUNDRY_GEMV_UNROLL", "2")
+    kwargs = make_inputs(case)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
+    assert dict(launch.template)["ROWS"] == 2
+    source = qgemv.kernel_source(case.variant, "metal")
+    assert "#pragma unroll 2" in source.body
+    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
+    (output,) = run_source(source, launch.arguments())
+    compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
