@@ -241,13 +241,14 @@ def _arch() -> tuple[int, int]:
 
 
 def _report(name: str, error: Exception) -> None:
-    """Say once per kernel why it was not cached (set FOUNDRY_KERNEL_CACHE=0 to silence by turning off)."""
-    if name not in _reported:
-        _reported.add(name)
+    """Say once per process why a kernel was not kept (later ones only count: one line, not ten)."""
+    _reported.add(name)
+    if len(_reported) == 1:
         import sys
 
         print(f"foundry-mlx: kernel {name} is compiled by MLX in this process, not kept across processes "
-              f"({type(error).__name__}: {str(error)[:300]})", file=sys.stderr)
+              f"({type(error).__name__}: {str(error)[:300]}); other kernels failing the same way are not reported. "
+              "FOUNDRY_KERNEL_CACHE=0 turns the cache off.", file=sys.stderr)
 
 
 def enabled() -> bool:

@@ -129,6 +129,7 @@ def test_present_entry_is_not_compiled_again(monkeypatch, tmp_path):
 
 def test_a_failing_compile_still_launches_and_is_tried_once(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_cache, "_reported", set())
     attempts = []
 
     def broken(*args):
@@ -153,3 +154,13 @@ def test_cuda_build_is_wrapped_unless_turned_off(monkeypatch):
     monkeypatch.setenv("FOUNDRY_KERNEL_CACHE", "0")
     assert isinstance(source.build("cuda"), _Recorder)
     assert made[0]["name"] == "probe_cuda"
+
+
+def test_failures_are_reported_once_per_process(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_cache, "_reported", set())
+    monkeypatch.setattr(cuda_cache, "compile_entry", lambda *args: (_ for _ in ()).throw(PermissionError("read-only")))
+    for name in ("first_cuda", "second_cuda"):
+        _launch(cuda_cache.CachedCudaKernel(_Recorder(), name, "", "  y[0] = x[0];\n", ("x",), ("y",)))
+    err = capsys.readouterr().err
+    assert err.count("foundry-mlx: kernel") == 1 and "first_cuda" in err and "PermissionError: read-only" in err
