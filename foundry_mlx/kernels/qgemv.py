@@ -330,9 +330,11 @@ def kernel_source(variant: Variant, backend: str, eps: float | None = None) -> K
     name = variant.name
     if variant.fused and variant.norm:
         name += "_eps" + literal_tag(eps)
+    from . import qgemv_deferred_norm
+
+    make = qgemv_deferred_norm.body if variant.norm and qgemv_deferred_norm.enabled() else body
     return KernelSource(name, variant.input_names(), ("y",),
-                        runtime_capacity(variant) + body(variant, eps, unroll=unroll_steps(backend)),
-                        _HEADER[backend])
+                        runtime_capacity(variant) + make(variant, eps, unroll=unroll_steps(backend)), _HEADER[backend])
 
 
 def unroll_steps(backend: str) -> int:

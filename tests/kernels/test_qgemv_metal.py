@@ -72,3 +72,24 @@ def test_cuda_standalone_geometry_matches_reference(case, monkeypatch):
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
     (output,) = run_source(source, launch.arguments())
     compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.variant.norm], ids=lambda c: c.id)
+@pytest.mark.parametrize("unroll", ["1", "2"])
+def test_deferred_norm_matches_reference(case, unroll, monkeypatch):
+    """FOUNDRY_GEMV_DEFERRED_NORM=1 (kernels/qgemv_deferred_norm.py): no norm prologue, x·w formed
+    as it is loaded, x² summed in one more slot, inv_rms applied in the epilogue: the same outputs,
+    split K or not (the QKV cases split K; gate/up does not)."""
+    monkeypatch.setenv("FOUNDRY_GEMV_DEFERRED_NORM", "1")
+    monkeypatch.setenv("FOUNDRY_GEMV_UNROLL", unroll)
+    kwargs = make_inputs(case)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
+    source = qgemv.kernel_source(case.variant, "metal")
+    assert "x_norm" not in source.body and "acc[SLOTS] += xs[i] * xs[i]" in source.body
+    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
+    (output,) = run_source(source, launch.arguments(), groups=case.sample_groups)
+    output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
+    rows = None
+    if case.sample_groups is not None:
+        rows = sampled_rows(launch.template, launch.output_shape[0], case.sample_groups)
+    compare(case, output, reference, rows)
