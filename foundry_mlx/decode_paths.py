@@ -106,4 +106,3 @@ def check_decode_step(choice: str, model, backend: str) -> None:
         reason = fused_step.unsupported_reason(model)
         if reason is not None:
             raise FoundryError(f"--decode-step {choice} cannot run this model: {reason}; use per-op or auto.")
-

@@ -47,11 +47,9 @@ def _nvcc_or_nvrtc(args, path: Path, text: str, info: list[str]):
     if args.nvrtc:
         from foundry_mlx.kernels import cuda_cache, nvrtc
 
-        options = ["--device-as-default-execution-space", "--gpu-architecture=sm_90a",
-                   f"--include-path={args.cccl}", f"--include-path={args.cuda_include}"]
+        options = cuda_cache.compile_options((9, 0), [f"--include-path={args.cccl}", f"--include-path={args.cuda_include}"])
         try:
-            nvrtc.compile_program(text, path.name, options, {"mlx/backend/cuda/device/utils.cuh": cuda_cache.STAND_IN_UTILS},
-                                  [], lib=nvrtc.library(args.nvrtc))
+            nvrtc.compile_program(text, path.name, options, cuda_cache.HEADERS, [], lib=nvrtc.library(args.nvrtc))
             return subprocess.CompletedProcess([], 0, "", "")
         except nvrtc.NvrtcError as error:
             return subprocess.CompletedProcess([], 1, "", str(error))

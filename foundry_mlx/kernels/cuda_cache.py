@@ -55,6 +55,10 @@ using Strides = cuda::std::array<int64_t, MAX_NDIM>;
 """
 
 
+# What NVRTC is given besides the text: the stand-in, under the name MLX's generated source includes.
+HEADERS = {"mlx/backend/cuda/device/utils.cuh": STAND_IN_UTILS}
+
+
 class Unsupported(ValueError):
     """A call this cache does not mirror (an argument MLX would type differently): MLX compiles it."""
 
@@ -154,10 +158,11 @@ def _include_options() -> list[str]:
     return options
 
 
-def compile_options(arch: tuple[int, int]) -> list[str]:
+def compile_options(arch: tuple[int, int], include_options: list[str] | None = None) -> list[str]:
+    """MLX's NVRTC options for `arch` (jit_module.cpp, `compile`); its include paths unless given."""
     major, minor = arch
     return ["--device-as-default-execution-space", f"--gpu-architecture=sm_{major}{minor}{'a' if major >= 9 else ''}",
-            *_include_options()]
+            *(_include_options() if include_options is None else include_options)]
 
 
 def write_entry(directory: Path, module: str, function: str, binary: bytes, mangled: str) -> Path:
@@ -222,8 +227,7 @@ def compile_entry(directory: Path, module: str, function: str, text: str) -> Pat
     from . import nvrtc
 
     qualified = "mlx::core::cu::" + function
-    binary, lowered = nvrtc.compile_program(text, module + ".cu", compile_options(_arch()),
-                                            {"mlx/backend/cuda/device/utils.cuh": STAND_IN_UTILS}, [qualified])
+    binary, lowered = nvrtc.compile_program(text, module + ".cu", compile_options(_arch()), HEADERS, [qualified])
     return write_entry(directory, module, function, binary, lowered[qualified])
 
 

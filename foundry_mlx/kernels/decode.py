@@ -39,7 +39,8 @@ class KernelSet:
             norm=norm_weight is not None, bias="bias" in layer, residual=residual is not None, swiglu=swiglu
         )
         launch = qgemv_launch.launch(variant, x, layer.quantized, norm_weight=norm_weight, eps=eps,
-                              bias=layer.bias if variant.bias else None, residual=residual)
+                                     bias=layer.bias if variant.bias else None, residual=residual,
+                                     backend=self.backend)
         return self._run(variant, launch).reshape(1, 1, -1)
 
     def norm_qkv_rope(
@@ -51,7 +52,7 @@ class KernelSet:
         launch = qgemv_launch.launch(
             variant, x, qkv.quantized, norm_weight=norm_weight, eps=eps,
             bias=qkv.bias if variant.bias else None, inv_freq=rope.inverse_frequencies, position=offset,
-            rope_rows=(n_heads + n_kv_heads) * rope.dims, head_dim=rope.dims,
+            rope_rows=(n_heads + n_kv_heads) * rope.dims, head_dim=rope.dims, backend=self.backend,
         )
         return self._run(variant, launch).reshape(1, 1, -1)
 

@@ -89,7 +89,7 @@ class GpuKernels:
         return kernel
 
     def _gemv(self, variant: qgemv.Variant, eps: float | None, x: mx.array, layer: Linear, **kwargs) -> mx.array:
-        launch = qgemv_launch.launch(variant, x, layer.quantized, **kwargs)
+        launch = qgemv_launch.launch(variant, x, layer.quantized, backend=self.backend, **kwargs)
         if qgemv_preload.ENABLED and qgemv_preload.fits(dict(launch.template), variant.rows_per_unit):
             return self._kernel(qgemv_preload.standalone_source(variant, self.backend, eps))(**launch.arguments())[0]
         return self._kernel(qgemv.kernel_source(variant, self.backend, eps))(**launch.arguments())[0]

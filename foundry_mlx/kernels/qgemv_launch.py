@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
+from . import gpu_backend
 from .qgemv import MAX_STAGED_BYTES, Variant, chunk
 from .source import scalar
 
@@ -88,9 +89,12 @@ def launch(
     state: mx.array | None = None,
     k_cache: mx.array | None = None,
     v_cache: mx.array | None = None,
+    backend: str | None = None,
 ) -> Launch:
     """Arguments for one call on a single token `x` (any shape with K elements). The fused RoPE
-    variant takes `state` (position at [0]) and the layer's cache buffers (1, kv_heads, S, D)."""
+    variant takes `state` (position at [0]) and the layer's cache buffers (1, kv_heads, S, D).
+    `backend` ("cuda", "metal") picks the rows per SIMD-group (STANDALONE_ROWS); None: the GPU
+    backend this MLX has."""
     n_rows, k = weight.shape
     if k % 32 or k % weight.group_size or x.size != k:
         raise ValueError(f"GEMV needs K a multiple of 32 and of the group; got K={k}, x of {x.size}")
@@ -117,19 +121,10 @@ def launch(
     units = n_rows // variant.rows_per_unit
     if variant.norm and k * dtype.size > MAX_STAGED_BYTES:
         raise ValueError(f"K={k} is too wide to stage in shared memory; use the reference path")
-    constants, groups = shape_constants(units, k, weight.bits, weight.group_size, _standalone_rows())
+    rows = STANDALONE_ROWS.get(backend if backend is not None else gpu_backend(), 0)
+    constants, groups = shape_constants(units, k, weight.bits, weight.group_size, rows)
     template = [("T", dtype), *constants.items(), ("HALF", max(half, 1)), ("ROPE_ROWS", rope_rows)] + cache_template
     out = (units,) if variant.swiglu else (n_rows,)
     threads = WARPS * 32
     return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), out, dtype)
 
-
-_backend: list = []
-
-
-def _standalone_rows() -> int:
-    if not _backend:
-        from . import gpu_backend
-
-        _backend.append(gpu_backend())
-    return STANDALONE_ROWS.get(_backend[0], 0)

@@ -12,17 +12,23 @@ from .metal_runs import run_source, sampled_rows, to_numpy
 from .qgemv_cases import CASES, compare, make_inputs, reference_inputs
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_metal_gemv_matches_reference(case):
-    kwargs = make_inputs(case)
-    launch = qgemv_launch.launch(case.variant, **kwargs)
+def _matches_reference(case, source, launch, kwargs) -> None:
+    """Run `source` on `launch` in the harness (only the case's sampled threadgroups, if it names
+    some) and compare the outputs with the reference twin's."""
     reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    (output,) = run_source(qgemv.kernel_source(case.variant, "metal"), launch.arguments(), groups=case.sample_groups)
+    (output,) = run_source(source, launch.arguments(), groups=case.sample_groups)
     output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
     rows = None
     if case.sample_groups is not None:
         rows = sampled_rows(launch.template, launch.output_shape[0], case.sample_groups)
     compare(case, output, reference, rows)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_metal_gemv_matches_reference(case):
+    kwargs = make_inputs(case)
+    launch = qgemv_launch.launch(case.variant, **kwargs)
+    _matches_reference(case, qgemv.kernel_source(case.variant, "metal"), launch, kwargs)
 
 
 def test_harness_catches_a_wrong_kernel():
@@ -47,13 +53,11 @@ def test_preloaded_form_matches_reference(case):
     into registers first, then the rest) as one kernel, on the same launch: the same outputs."""
     kwargs = make_inputs(case)
     launch = qgemv_launch.launch(case.variant, **kwargs)
-    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
     load, compute = qgemv_preload.preloaded_body(case.variant)
     assert "pw[it][r]" in load and "acc[r] +=" in compute and "acc[r] +=" not in load
     source = qgemv_preload.standalone_source(case.variant, "metal")  # load + compute, one launch
     assert load in source.body and compute in source.body
-    (output,) = run_source(source, launch.arguments())
-    compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
+    _matches_reference(case, source, launch, kwargs)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("qkv_896x1152_b8", "down_4864x896_b4_residual",
@@ -62,16 +66,13 @@ def test_preloaded_form_matches_reference(case):
 def test_cuda_standalone_geometry_matches_reference(case, monkeypatch):
     """The standalone kernels' CUDA settings (two rows per SIMD-group, the K walk unrolled two steps)
     in the Metal rendition: units not a multiple of the rows, odd K steps, every epilogue."""
-    monkeypatch.setattr(qgemv_launch, "_backend", ["cuda"])
     monkeypatch.setenv("FOUNDRY_GEMV_UNROLL", "2")
     kwargs = make_inputs(case)
-    launch = qgemv_launch.launch(case.variant, **kwargs)
+    launch = qgemv_launch.launch(case.variant, **kwargs, backend="cuda")
     assert dict(launch.template)["ROWS"] == 2
     source = qgemv.kernel_source(case.variant, "metal")
     assert "#pragma unroll 2" in source.body
-    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    (output,) = run_source(source, launch.arguments())
-    compare(case, bfloat16_to_float32(output) if case.dtype == "bfloat16" else output, reference)
+    _matches_reference(case, source, launch, kwargs)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.variant.norm], ids=lambda c: c.id)
@@ -86,10 +87,4 @@ def test_deferred_norm_matches_reference(case, unroll, monkeypatch):
     launch = qgemv_launch.launch(case.variant, **kwargs)
     source = qgemv.kernel_source(case.variant, "metal")
     assert "x_norm" not in source.body and "acc[SLOTS] += xs[i] * xs[i]" in source.body
-    reference = np.array(qgemv.reference(case.variant, **reference_inputs(kwargs)))
-    (output,) = run_source(source, launch.arguments(), groups=case.sample_groups)
-    output = bfloat16_to_float32(output) if case.dtype == "bfloat16" else output
-    rows = None
-    if case.sample_groups is not None:
-        rows = sampled_rows(launch.template, launch.output_shape[0], case.sample_groups)
-    compare(case, output, reference, rows)
+    _matches_reference(case, source, launch, kwargs)
