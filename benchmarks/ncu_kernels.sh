@@ -4,18 +4,28 @@
 # step's wall time is the share the gaps and the host take).
 #   MODEL=/tmp/random-qwen2.5-7b-4bit SKIP=1430 COUNT=143 bash benchmarks/ncu_kernels.sh    → $OUT/ncu-kernels.csv
 #   (decode: our custom kernels only, SKIP past prefill and warm-up, COUNT = one step's launches)
-#   MODE=prefill PROMPT=128 MODEL=/tmp/random-qwen2.5-7b-4bit SKIP=0 COUNT=2000 bash benchmarks/ncu_kernels.sh
-#   (prefill: every kernel, MLX's included, of one 128-token prefill after a warm-up prefill)
+#   MODE=prefill PROMPT=128 MODEL=/tmp/random-qwen2.5-7b-4bit SKIP=0 COUNT=5000 bash benchmarks/ncu_kernels.sh
+#   (prefill: every kernel, MLX's included, of one 128-token prefill after a warm-up prefill; the
+#   warm-up is left out by cuProfilerStart/Stop around the timed one)
 set -o pipefail
 export PYTHONPATH=$PWD
 if [ "${MODE:-decode}" = prefill ]; then
-  FILTER=(); SCRIPT="
+  SCRIPT="
 import foundry_mlx as fm
 model, tok = fm.load('${MODEL:-/tmp/random-qwen2.5-7b-4bit}', progress=False)
-for _ in range(2):  # the first compiles and warms; ncu's SKIP/COUNT pick the launches to keep
-    for r in fm.stream_generate(model, tok, list(range(100, 100 + ${PROMPT:-128})), max_tokens=1, ignore_eos=True):
-        pass
+import ctypes, mlx.core as mx
+ids = list(range(100, 100 + ${PROMPT:-128}))
+for r in fm.stream_generate(model, tok, ids, max_tokens=1, ignore_eos=True):  # compiles and warms
+    pass
+mx.synchronize()
+driver = ctypes.CDLL('libcuda.so.1')
+driver.cuProfilerStart()  # ncu profiles from here (--profile-from-start off): the second prefill only
+for r in fm.stream_generate(model, tok, ids, max_tokens=1, ignore_eos=True):
+    pass
+mx.synchronize()
+driver.cuProfilerStop()
 "
+  FILTER=(--profile-from-start off)
 else
   FILTER=(--kernel-name regex:custom_kernel); SCRIPT="
 import foundry_mlx as fm
