@@ -5,7 +5,11 @@ lm_head), 4-bit weights in groups of 64 (mlx-lm's default), float16 x of M = 16,
 rows, it times MLX's `quantized_matmul`, our quantized GEMM (kernels/qgemm.py) and the dense route
 (kernels/qgemm_dense.py: `mx.dequantize` + dense matmul, the dequantization inside every timed
 call, as prefill pays it) and prints µs per call, TFLOP/s (2·M·N·K / time) and MLX's time over
-each (> 1: that route wins). Timing: `calls` independent calls are queued and evaluated together
+each (> 1: that route wins). Weights are cold, as in a prefill, which reads each layer's matrices
+once and a model's matrices together far exceed the L2 cache (50 MB on an H200): consecutive calls
+cycle through copies of the weight totalling >= `--rotate-mb` (default 512; 0 reuses one copy, which
+L2 keeps warm: that overstated our kernel on narrow-N shapes 5x, 7B down at M=128 timed 112 µs
+alone and 571 µs inside a prefill, `benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt`). Timing: `calls` independent calls are queued and evaluated together
 (enough for ~20 ms), the median of `--trials` such batches is kept, divided by `calls`; the
 routes alternate batch by batch. On CUDA the other plausible tiles (qgemm.CUDA_TILES) are
 timed too, so the tile rule can follow the measurements. The first call of each (NVRTC compile, MLX's JIT) is
@@ -58,6 +62,28 @@ def quantized(n: int, k: int, seed: int) -> QuantizedWeight:
     return weight
 
 
+def copies(weight: QuantizedWeight, megabytes: float) -> list[QuantizedWeight]:
+    """The weight and fresh copies of it, together at least `megabytes` (calls cycle through them
+    so each reads its weight from device memory, not from L2)."""
+    size = sum(a.nbytes for a in (weight.weight, weight.scales, weight.biases))
+    count = max(1, -(-int(megabytes * 1e6) // size))
+    result = [weight] + [QuantizedWeight(weight.weight + 0, weight.scales + 0, weight.biases + 0, BITS, GROUP)
+                         for _ in range(count - 1)]
+    mx.eval([(c.weight, c.scales, c.biases) for c in result])
+    return result
+
+
+def rotating(function, weights: list[QuantizedWeight]):
+    """`function(weight)` as a no-argument call that takes the next weight copy each time."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(weights)
+        return function(weights[state["i"]])
+
+    return call
+
+
 def batch_seconds(function, calls: int) -> float:
     mx.synchronize()
     start = time.perf_counter()
@@ -93,22 +119,24 @@ def candidate_tiles(m: int) -> dict:
     return {name: shape for name, shape in qgemm.CUDA_TILES.items() if min(m, 128) / 2 <= shape[0] <= max(m, 16)}
 
 
-def run_point(backend: str, weight: QuantizedWeight, m: int, n: int, k: int, trials: int, tiles: bool) -> dict:
+def run_point(backend: str, weights: list[QuantizedWeight], m: int, n: int, k: int, trials: int,
+              tiles: bool) -> dict:
     x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(mx.float16)
     mx.eval(x)
 
-    def stock():
+    def stock(weight):
         return mx.quantized_matmul(x, weight.weight, weight.scales, weight.biases, transpose=True,
                                    group_size=GROUP, bits=BITS)
 
-    functions = {"ours": lambda: qgemm.run(backend, x, weight), "mlx": stock,
-                 "dense": lambda: qgemm_dense.run(x, weight)}
+    functions = {"ours": rotating(lambda w: qgemm.run(backend, x, w), weights), "mlx": rotating(stock, weights),
+                 "dense": rotating(lambda w: qgemm_dense.run(x, w), weights)}
     chosen = qgemm.tile(backend, m, n)
     if tiles and backend == "cuda":
         for name, shape in candidate_tiles(m).items():
             if shape != chosen:
-                functions[f"tile_{name}"] = lambda shape=shape: qgemm.run(backend, x, weight, tile_shape=shape)
-    b = stock().astype(mx.float32)
+                functions[f"tile_{name}"] = rotating(
+                    lambda w, shape=shape: qgemm.run(backend, x, w, tile_shape=shape), weights)
+    b = stock(weights[0]).astype(mx.float32)
     errors = {label: (mx.abs(functions[label]().astype(mx.float32) - b).max() / mx.abs(b).max()).item()
               for label in ("ours", "dense")}
     dense_bytes = 2 * (n * k + m * n)
@@ -145,11 +173,13 @@ def table_entries(rows: list[dict], backend: str) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], info: dict, seconds: float, entries: list[str]) -> str:
+def markdown(rows: list[dict], info: dict, seconds: float, entries: list[str], rotate_mb: float) -> str:
     lines = [f"# Prefill routes vs mx.quantized_matmul ({BITS}-bit, group {GROUP}, float16)", "",
              f"{info.get('device')} · mlx {info.get('mlx')} · revision {info.get('git_revision')} · "
              f"{seconds:.0f} s. ours: kernels/qgemm.py on the tile `qgemm.tile` picks; dense: "
-             "kernels/qgemm_dense.py, dequantization included.", "",
+             "kernels/qgemm_dense.py, dequantization included. "
+             + (f"Weights cold: calls cycle through copies totalling >= {rotate_mb:.0f} MB." if rotate_mb
+                else "One weight copy, warm in L2 (--rotate-mb 0)."), "",
              "| model | matrix | N | K | M | tile | ours µs | MLX µs | dense µs | ours TFLOP/s | MLX TFLOP/s "
              "| dense TFLOP/s | MLX/ours | MLX/dense | best tile (µs) | max rel diff ours / dense |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -174,6 +204,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--budget", type=float, default=200.0, help="seconds; later points are skipped")
     parser.add_argument("--no-tiles", action="store_true", help="time only the tile qgemm.tile picks")
+    parser.add_argument("--rotate-mb", type=float, default=512.0,
+                        help="cycle through weight copies of at least this many MB (0: one warm copy)")
     args = parser.parse_args()
     backend = kernels.gpu_backend()
     if backend is None:
@@ -186,15 +218,15 @@ def main() -> int:
     print(f"{'shape':>14s} {'N':>7s} {'K':>6s} {'M':>5s} {'ours µs':>9s} {'MLX µs':>9s} {'dense µs':>9s} "
           f"{'ours TF/s':>9s} {'MLX TF/s':>9s} {'MLX/ours':>8s} {'MLX/dense':>9s}", flush=True)
     for index, (model, matrix, n, k) in enumerate(shapes):
-        weight = None
+        weights = None
         for m in row_counts:
             row = dict(model=model, matrix=matrix, n=n, k=k, m=m)
             if time.perf_counter() - began > args.budget:
                 row["error"] = "skipped (time budget)"
             else:
                 try:
-                    weight = weight or quantized(n, k, index)
-                    row |= run_point(backend, weight, m, n, k, args.trials, not args.no_tiles)
+                    weights = weights or copies(quantized(n, k, index), args.rotate_mb)
+                    row |= run_point(backend, weights, m, n, k, args.trials, not args.no_tiles)
                 except Exception as error:  # a shape that fails to compile or run is a result
                     row["error"] = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     traceback.print_exc(limit=2)
@@ -207,7 +239,7 @@ def main() -> int:
                       f"{row['dense_us']:9.1f} {row['ours_tflops']:9.1f} {row['mlx_tflops']:9.1f} "
                       f"{row['speedup']:8.2f} {row['dense_speedup']:9.2f}  "
                       f"{row['tile']} (best {row['best_tile']} {row['best_tile_us']})", flush=True)
-        del weight
+        del weights
     seconds = time.perf_counter() - began
     info = machine_info()
     entries = table_entries(rows, backend)
@@ -216,8 +248,9 @@ def main() -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.out}.json").write_text(json.dumps(dict(machine=info, bits=BITS, group_size=GROUP,
+                                                                 rotate_mb=args.rotate_mb,
                                                                  seconds=round(seconds, 1), rows=rows), indent=1))
-        Path(f"{args.out}.md").write_text(markdown(rows, info, seconds, entries))
+        Path(f"{args.out}.md").write_text(markdown(rows, info, seconds, entries, args.rotate_mb))
         print(f"wrote {args.out}.json and {args.out}.md")
     return 0
 
