@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import models, sources
+from . import device_memory, models, sources
 from .errors import ModelFormatError
 from .formats.gguf import GGUFFile
 from .formats.gguf_model import read_config, read_weights
@@ -41,6 +41,7 @@ def load(
     every rank then runs the same generate calls, with the same sampling seed.
     """
     model, tokenizer = _load(name, dtype, progress, exact, group, parallel)
+    device_memory.into_device_memory(model)
     if chat_template is not None:
         tokenizer.set_chat_template(chat_template)
     return model, tokenizer

@@ -26,30 +26,30 @@ SWITCH = {"0": "mlx", "1": "kernel", "dense": "dense"}
 
 # (backend, M bucket, N, K, bits, group size) → the route that measured faster than MLX by >= 5%.
 MEASURED: dict[tuple[str, int, int, int, int, int], str] = {
-    # NVIDIA H200, mlx 0.32.4, commit e042b39: benchmarks/results/h200-qgemm.json (`qgemm_bench.py
-    # --budget 150 --no-tiles`), float16 x, 4-bit weights in groups of 64, the tile `qgemm.tile`
-    # picks. MLX/route per entry. Everything else (every M=16 point, and 0.5B's qkv, o_proj and
-    # down below M=2048) measured fastest on MLX's quantized_matmul.
+    # NVIDIA H200, mlx 0.32.4, commit fe87a63: benchmarks/results/h200-qgemm-cold.json (`qgemm_bench.py
+    # --no-tiles --budget 170`), float16 x, 4-bit weights in groups of 64, cold (calls cycle through
+    # weight copies of >= 512 MB, as a prefill reads each matrix once; e042b39's table timed one warm
+    # copy, and two M=128 "kernel" entries it made lost in real prefills). MLX/route per entry.
+    # Everything else (every M=16 point, M=128 but the 7B LM head, 0.5B's qkv and o at every M)
+    # measured fastest on MLX's quantized_matmul.
     # Qwen2.5-7B
-    ("cuda", 512, 4608, 3584, 4, 64): "dense",     # qkv 1.61x
-    ("cuda", 2048, 4608, 3584, 4, 64): "dense",    # qkv 3.13x
-    ("cuda", 512, 3584, 3584, 4, 64): "dense",     # o_proj 1.71x
-    ("cuda", 2048, 3584, 3584, 4, 64): "dense",    # o_proj 3.02x
-    ("cuda", 128, 37888, 3584, 4, 64): "kernel",   # gate_up 1.09x
-    ("cuda", 512, 37888, 3584, 4, 64): "dense",    # gate_up 1.80x
-    ("cuda", 2048, 37888, 3584, 4, 64): "dense",   # gate_up 3.49x
-    ("cuda", 128, 3584, 18944, 4, 64): "kernel",   # down 1.09x
-    ("cuda", 512, 3584, 18944, 4, 64): "dense",    # down 1.84x
-    ("cuda", 2048, 3584, 18944, 4, 64): "dense",   # down 3.41x
-    ("cuda", 128, 152064, 3584, 4, 64): "kernel",  # lm_head 1.15x
-    ("cuda", 512, 152064, 3584, 4, 64): "dense",   # lm_head 1.92x
-    ("cuda", 2048, 152064, 3584, 4, 64): "dense",  # lm_head 3.34x
+    ("cuda", 512, 4608, 3584, 4, 64): "dense",     # qkv 1.06x
+    ("cuda", 2048, 4608, 3584, 4, 64): "dense",    # qkv 2.58x
+    ("cuda", 512, 3584, 3584, 4, 64): "dense",     # o_proj 1.38x
+    ("cuda", 2048, 3584, 3584, 4, 64): "dense",    # o_proj 2.47x
+    ("cuda", 512, 37888, 3584, 4, 64): "dense",    # gate_up 1.72x
+    ("cuda", 2048, 37888, 3584, 4, 64): "dense",   # gate_up 3.34x
+    ("cuda", 512, 3584, 18944, 4, 64): "dense",    # down 1.81x
+    ("cuda", 2048, 3584, 18944, 4, 64): "dense",   # down 3.15x
+    ("cuda", 128, 152064, 3584, 4, 64): "kernel",  # lm_head 1.13x
+    ("cuda", 512, 152064, 3584, 4, 64): "dense",   # lm_head 1.83x
+    ("cuda", 2048, 152064, 3584, 4, 64): "dense",  # lm_head 3.38x
     # Qwen2.5-0.5B
-    ("cuda", 512, 9728, 896, 4, 64): "dense",      # gate_up 1.45x
-    ("cuda", 2048, 9728, 896, 4, 64): "dense",     # gate_up 2.56x
-    ("cuda", 2048, 896, 4864, 4, 64): "dense",     # down 2.32x
+    ("cuda", 512, 9728, 896, 4, 64): "dense",      # gate_up 1.26x
+    ("cuda", 2048, 9728, 896, 4, 64): "dense",     # gate_up 2.36x
+    ("cuda", 2048, 896, 4864, 4, 64): "dense",     # down 2.21x
     ("cuda", 512, 151936, 896, 4, 64): "dense",    # lm_head 1.76x
-    ("cuda", 2048, 151936, 896, 4, 64): "dense",   # lm_head 3.23x
+    ("cuda", 2048, 151936, 896, 4, 64): "dense",   # lm_head 3.31x
 }
 
 
