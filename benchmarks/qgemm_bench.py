@@ -8,8 +8,11 @@ call, as prefill pays it) and prints µs per call, TFLOP/s (2·M·N·K / time) a
 each (> 1: that route wins). Weights are cold, as in a prefill, which reads each layer's matrices
 once and a model's matrices together far exceed the L2 cache (50 MB on an H200): consecutive calls
 cycle through copies of the weight totalling >= `--rotate-mb` (default 512; 0 reuses one copy, which
-L2 keeps warm: that overstated our kernel on narrow-N shapes 5x, 7B down at M=128 timed 112 µs
-alone and 571 µs inside a prefill, `benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt`). Timing: `calls` independent calls are queued and evaluated together
+L2 keeps warm). And each call's x depends on the previous call's output (x + 0·y[0, 0], one (M, K)
+element-wise add per call, the same for every route), as a prefill's products depend on each other:
+independent calls let MLX run kernels side by side, which hid how little of the GPU a small grid
+fills (7B down at M=128: 122 µs in independent calls, 571 µs inside a prefill under Nsight Compute,
+`benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt`). Timing: `calls` independent calls are queued and evaluated together
 (enough for ~20 ms), the median of `--trials` such batches is kept, divided by `calls`; the
 routes alternate batch by batch. On CUDA the other plausible tiles (qgemm.CUDA_TILES) are
 timed too, so the tile rule can follow the measurements. The first call of each (NVRTC compile, MLX's JIT) is
@@ -73,13 +76,17 @@ def copies(weight: QuantizedWeight, megabytes: float) -> list[QuantizedWeight]:
     return result
 
 
-def rotating(function, weights: list[QuantizedWeight]):
-    """`function(weight)` as a no-argument call that takes the next weight copy each time."""
-    state = {"i": 0}
+def rotating(function, weights: list[QuantizedWeight], x: mx.array):
+    """`function(x, weight)` as a no-argument call that takes the next weight copy each time and an
+    x that depends on the previous call's output (so the queued calls run one after another)."""
+    state = {"i": 0, "y": None}
 
     def call():
         state["i"] = (state["i"] + 1) % len(weights)
-        return function(weights[state["i"]])
+        previous = state["y"]
+        x_in = x if previous is None else x + (previous[:1, :1] * 0).astype(x.dtype)
+        state["y"] = function(x_in, weights[state["i"]])
+        return state["y"]
 
     return call
 
@@ -124,23 +131,27 @@ def run_point(backend: str, weights: list[QuantizedWeight], m: int, n: int, k: i
     x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(mx.float16)
     mx.eval(x)
 
-    def stock(weight):
+    def stock(x, weight):
         return mx.quantized_matmul(x, weight.weight, weight.scales, weight.biases, transpose=True,
                                    group_size=GROUP, bits=BITS)
 
-    functions = {"ours": rotating(lambda w: qgemm.run(backend, x, w), weights), "mlx": rotating(stock, weights),
-                 "dense": rotating(lambda w: qgemm_dense.run(x, w), weights)}
+    functions = {"ours": rotating(lambda x, w: qgemm.run(backend, x, w), weights, x),
+                 "mlx": rotating(stock, weights, x),
+                 "dense": rotating(lambda x, w: qgemm_dense.run(x, w), weights, x)}
     chosen = qgemm.tile(backend, m, n)
+    split = qgemm.split_k(backend, m, n, k, chosen)
+    if split > 1:  # what split-K buys: the same tile unsplit
+        functions["unsplit"] = rotating(lambda x, w: qgemm.run(backend, x, w, split=1), weights, x)
     if tiles and backend == "cuda":
         for name, shape in candidate_tiles(m).items():
             if shape != chosen:
                 functions[f"tile_{name}"] = rotating(
-                    lambda w, shape=shape: qgemm.run(backend, x, w, tile_shape=shape), weights)
-    b = stock(weights[0]).astype(mx.float32)
+                    lambda x, w, shape=shape: qgemm.run(backend, x, w, tile_shape=shape), weights, x)
+    b = stock(x, weights[0]).astype(mx.float32)
     errors = {label: (mx.abs(functions[label]().astype(mx.float32) - b).max() / mx.abs(b).max()).item()
               for label in ("ours", "dense")}
     dense_bytes = 2 * (n * k + m * n)
-    point = dict(tile="x".join(map(str, chosen[:2])), max_rel_diff_vs_mlx=round(errors["ours"], 5),
+    point = dict(tile="x".join(map(str, chosen[:2])), split=split, max_rel_diff_vs_mlx=round(errors["ours"], 5),
                  dense_max_rel_diff_vs_mlx=round(errors["dense"], 5),
                  **measure(functions, trials, {"dense": int(DENSE_BYTES_IN_FLIGHT // dense_bytes)}))
     flops = 2.0 * m * n * k
@@ -180,7 +191,7 @@ def markdown(rows: list[dict], info: dict, seconds: float, entries: list[str], r
              "kernels/qgemm_dense.py, dequantization included. "
              + (f"Weights cold: calls cycle through copies totalling >= {rotate_mb:.0f} MB." if rotate_mb
                 else "One weight copy, warm in L2 (--rotate-mb 0)."), "",
-             "| model | matrix | N | K | M | tile | ours µs | MLX µs | dense µs | ours TFLOP/s | MLX TFLOP/s "
+             "| model | matrix | N | K | M | tile/split-K | ours µs (unsplit) | MLX µs | dense µs | ours TFLOP/s | MLX TFLOP/s "
              "| dense TFLOP/s | MLX/ours | MLX/dense | best tile (µs) | max rel diff ours / dense |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
@@ -188,7 +199,7 @@ def markdown(rows: list[dict], info: dict, seconds: float, entries: list[str], r
         if "error" in r:
             lines.append(f"{head} {r['error']} |" + " |" * 10)
         else:
-            lines.append(f"{head} {r['tile']} | {r['ours_us']} | {r['mlx_us']} | {r['dense_us']} | "
+            lines.append(f"{head} {r['tile']}/{r.get('split', 1)} | {r['ours_us']} ({r.get('unsplit_us', '-')}) | {r['mlx_us']} | {r['dense_us']} | "
                          f"{r['ours_tflops']} | {r['mlx_tflops']} | {r['dense_tflops']} | {r['speedup']} | "
                          f"{r['dense_speedup']} | {r['best_tile']} ({r['best_tile_us']}) | "
                          f"{r['max_rel_diff_vs_mlx']} / {r['dense_max_rel_diff_vs_mlx']} |")
@@ -238,7 +249,8 @@ def main() -> int:
                 print(f"{label:>14s} {n:7d} {k:6d} {m:5d} {row['ours_us']:9.1f} {row['mlx_us']:9.1f} "
                       f"{row['dense_us']:9.1f} {row['ours_tflops']:9.1f} {row['mlx_tflops']:9.1f} "
                       f"{row['speedup']:8.2f} {row['dense_speedup']:9.2f}  "
-                      f"{row['tile']} (best {row['best_tile']} {row['best_tile_us']})", flush=True)
+                      f"{row['tile']}/{row['split']} (unsplit {row.get('unsplit_us', '-')}; "
+                      f"best tile {row['best_tile']} {row['best_tile_us']})", flush=True)
         del weights
     seconds = time.perf_counter() - began
     info = machine_info()

@@ -202,6 +202,15 @@ def compile_qgemm(args, scratch: Path) -> bool:
                     label = f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
                     failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
                                        [("y", dtype)], template)
+            # split-K (fp32 partials, no epilogue) on the tiles it runs with
+            for tile in (qgemm.CUDA_TILES["128x128"], qgemm.CUDA_TILES["16x128"]):
+                source = qgemm_source.kernel_source("cuda", split=True)
+                types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype}
+                template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
+                            ("WARPS_M", tile[2]), ("WARPS_N", tile[3]), ("SPLIT_K", 4)]
+                label = f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]} split=4"
+                failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
+                                   [("y", "float32")], template)
     return failed
 
 

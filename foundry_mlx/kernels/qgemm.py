@@ -56,6 +56,30 @@ def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
     return CUDA_TILES["64x128"]
 
 
+# Split-K: a CUDA grid of fewer threadgroups than this is split along K (x2, x4, x8) until it reaches
+# it. 132 SMs on an H100/H200, two of our 128x128 threadgroups fit on one; the 7B's down, o_proj and
+# QKV at M=128 are 28-36 threadgroups, each then streaming its weights through a two-stage pipeline
+# alone on an SM: down_proj took 571 µs inside a prefill where its cold-weight micro-benchmark (other
+# calls' kernels overlapping it) took 122 (benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt).
+SPLIT_TARGET = 132
+MAX_SPLIT = 8
+MIN_SPLIT_TILES = 8  # K tiles (of 32) each split keeps at least
+
+
+def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, int, int]) -> int:
+    """How many K ranges a launch is split into (1: none): CUDA only, doubling while the grid is
+    below SPLIT_TARGET threadgroups and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
+    if backend != "cuda":
+        return 1
+    groups = -(-m // tile_shape[0]) * -(-n // tile_shape[1])
+    k_tiles = k // qgemm_source.BK
+    split = 1
+    while (groups * split < SPLIT_TARGET and split < MAX_SPLIT and k_tiles % (2 * split) == 0
+           and k_tiles // (2 * split) >= MIN_SPLIT_TILES):
+        split *= 2
+    return split
+
+
 def supported(x: mx.array, weight: QuantizedWeight) -> bool:
     """Whether the kernel handles this input and weight (else MLX's quantized_matmul must)."""
     _, k = weight.shape
@@ -64,8 +88,10 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 
 
 def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
-           residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None) -> Launch:
-    """Arguments for one call on x (..., K): the output is (M, N), M the product of x's leading axes.
+           residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
+           split: int = 1) -> Launch:
+    """Arguments for one call on x (..., K): the output is (M, N), M the product of x's leading axes;
+    with `split` > 1 (the split variant, no bias or residual) (split·M, N) fp32 partial sums.
     `tile_shape` overrides the chosen tile (the benchmark compares them)."""
     if not supported(x, weight):
         raise ValueError(f"quantized GEMM does not handle x {x.shape} {x.dtype} with {weight.bits}-bit "
@@ -75,6 +101,8 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
     m = x2.shape[0]
     block_m, block_n, warps_m, warps_n = tile_shape or tile(backend, m, n)
     inputs = [x2, weight.weight, weight.scales, weight.biases]
+    if split > 1 and (bias is not None or residual is not None or (k // qgemm_source.BK) % split):
+        raise ValueError(f"split-K by {split} takes no epilogue and K tiles ({k // qgemm_source.BK}) it divides")
     if bias is not None:
         inputs.append(bias)
     if residual is not None:
@@ -83,6 +111,10 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
                 ("BN", block_n), ("WARPS_M", warps_m), ("WARPS_N", warps_n)]
     threads = warps_m * warps_n * 32
     groups = -(-m // block_m) * -(-n // block_n)
+    if split > 1:
+        template.append(("SPLIT_K", split))
+        return Launch(inputs, template, (groups * split * threads, 1, 1), (threads, 1, 1), (split * m, n),
+                      mx.float32)
     return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (m, n), x.dtype)
 
 
@@ -94,17 +126,36 @@ def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None
     return qgemm_dense.run(x, weight, bias, residual)
 
 
-_kernels: dict[tuple[str, bool, bool], object] = {}
+_kernels: dict[tuple[str, bool, bool, bool], object] = {}
+
+
+def _kernel(backend: str, bias: bool, residual: bool, split: bool):
+    key = (backend, bias, residual, split)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = qgemm_source.kernel_source(backend, bias, residual, split).build(backend)
+    return kernel
 
 
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
-        residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None) -> mx.array:
-    """The kernel's y (M, N) on `backend`; kernel objects are built once per (backend, epilogue)."""
-    key = (backend, bias is not None, residual is not None)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = _kernels[key] = qgemm_source.kernel_source(backend, *key[1:]).build(backend)
-    return kernel(**launch(backend, x, weight, bias, residual, tile_shape).arguments())[0]
+        residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
+        split: int | None = None) -> mx.array:
+    """The kernel's y (M, N) on `backend`; kernel objects are built once per (backend, epilogue).
+    `split` K ranges (default `split_k`'s choice): their fp32 partials are summed here, rounded to T
+    and given the bias and residual as `ops.linear` adds them after MLX's product (in T)."""
+    n, k = weight.shape
+    m = x.size // k
+    tile_shape = tile_shape or tile(backend, m, n)
+    split = split_k(backend, m, n, k, tile_shape) if split is None else split
+    if split == 1:
+        arguments = launch(backend, x, weight, bias, residual, tile_shape).arguments()
+        return _kernel(backend, bias is not None, residual is not None, False)(**arguments)[0]
+    arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split).arguments()
+    partials = _kernel(backend, False, False, True)(**arguments)[0]
+    y = partials.reshape(split, m, n).sum(axis=0).astype(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y if residual is None else residual.reshape(m, n) + y
 
 
 def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:

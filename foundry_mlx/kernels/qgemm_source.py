@@ -170,8 +170,12 @@ _STORE = {
 }
 
 
-def _finish(bias: bool, residual: bool) -> str:
-    """The epilogue of one output element, rounded to T where the reference path rounds."""
+def _finish(bias: bool, residual: bool, split: bool = False) -> str:
+    """The epilogue of one output element, rounded to T where the reference path rounds; with
+    split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of y."""
+    if split:
+        body = "y[((long)split * m_rows + r_) * N + c_] = v_;"
+        return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
     lines = ["T value = static_cast<T>(v_);"]
     if bias:
         lines.append("value = static_cast<T>(static_cast<float>(value) + static_cast<float>(bias[c_]));")
@@ -195,13 +199,18 @@ _SKELETON = """
   const int N = w_shape[0];
   const int WORDS_PER_ROW = K * BITS / 32;
   const int GROUPS_PER_ROW = K / GROUP;
-  const int K_TILES = K / BK;
   constexpr unsigned int MASK = (1u << BITS) - 1u;
   static_assert(BN <= THREADS, "every weight row of a tile needs a thread to dequantize it");
   const int m_tiles = (m_rows + BM - 1) / BM;
+  const int mn_tiles = m_tiles * ((N + BN - 1) / BN);
+  // Split-K (SPLIT_K > 1, for grids too small to fill the GPU): threadgroup `split` walks only the
+  // split-th K range and writes its fp32 partial sums; the caller adds the SPLIT_K partials up.
+  const int split = (int)group_id / mn_tiles;
+  const int K_TILES = K / BK / SPLIT_K;                    // this threadgroup's K tiles
+  const int KT0 = split * K_TILES;                         // its first one
   // M fastest: threadgroups that run together share a weight tile (x, the smaller operand, stays cached).
-  const int tile_m = (int)group_id % m_tiles;
-  const int tile_n = (int)group_id / m_tiles;
+  const int tile_m = (int)group_id % mn_tiles % m_tiles;
+  const int tile_n = (int)group_id % mn_tiles / m_tiles;
   const int row0 = tile_m * BM, col0 = tile_n * BN;
   SHARED TILE_T x_tile[STAGES * BM * LD];
   SHARED TILE_T w_tile[STAGES * BN * LD];
@@ -228,12 +237,12 @@ _SKELETON = """
     const int r = c / (BK / 8), part = c % (BK / 8); \\
     const bool ok = row0 + r < m_rows; \\
     COPY_X8(x_tile + (stage_) * BM * LD + r * LD + part * 8, \\
-            x + (long)(ok ? row0 + r : 0) * K + (kt_) * BK + part * 8, ok); \\
+            x + (long)(ok ? row0 + r : 0) * K + (KT0 + (kt_)) * BK + part * 8, ok); \\
   }}
 #define FETCH_W(kt_) \\
   if (w_owner) {{ \\
-    LOAD_WORDS(WORDS, w + w_row * WORDS_PER_ROW + (long)(kt_) * BITS + w_part * WORDS, words); \\
-    const long g = w_row * GROUPS_PER_ROW + (kt_) * BK / GROUP; \\
+    LOAD_WORDS(WORDS, w + w_row * WORDS_PER_ROW + (long)(KT0 + (kt_)) * BITS + w_part * WORDS, words); \\
+    const long g = w_row * GROUPS_PER_ROW + (KT0 + (kt_)) * BK / GROUP; \\
     w_scale = static_cast<float>(scales[g]); \\
     w_bias = static_cast<float>(biases[g]); \\
   }}
@@ -286,16 +295,24 @@ _SKELETON = """
 """
 
 
-def kernel_name(bias: bool, residual: bool) -> str:
+def kernel_name(bias: bool, residual: bool, split: bool = False) -> str:
+    if split:
+        return "foundry_qgemm_split"
     return "foundry_qgemm" + ("_bias" if bias else "") + ("_residual" if residual else "")
 
 
-def input_names(bias: bool, residual: bool) -> tuple[str, ...]:
-    return ("x", "w", "scales", "biases") + (("bias",) if bias else ()) + (("residual",) if residual else ())
+def input_names(bias: bool, residual: bool, split: bool = False) -> tuple[str, ...]:
+    epilogue = () if split else (("bias",) if bias else ()) + (("residual",) if residual else ())
+    return ("x", "w", "scales", "biases") + epilogue
 
 
-def kernel_source(backend: str, bias: bool = False, residual: bool = False) -> KernelSource:
-    """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N; M, N, K from the shapes)."""
+def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False) -> KernelSource:
+    """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N, and SPLIT_K for the
+    split variant; M, N, K from the shapes). `split`: y is (SPLIT_K·M, N) fp32 partial sums, with no
+    epilogue (the caller sums them and adds bias and residual: kernels/qgemm.py)."""
     body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
-                            store=_STORE[backend], finish=_finish(bias, residual))
-    return KernelSource(kernel_name(bias, residual), input_names(bias, residual), ("y",), body, _HEADER[backend])
+                            store=_STORE[backend], finish=_finish(bias, residual, split))
+    if not split:
+        body = "  constexpr int SPLIT_K = 1;\n" + body
+    return KernelSource(kernel_name(bias, residual, split), input_names(bias, residual, split), ("y",), body,
+                        _HEADER[backend])

@@ -92,3 +92,14 @@ def test_every_cuda_tile(backend, tile_name):
     inputs = make_inputs(case)
     ours = qgemm.run(backend, **inputs, tile_shape=qgemm.CUDA_TILES[tile_name])
     compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
+
+
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_every_split(backend, split):
+    """Split-K at each factor `split_k` may choose, ragged in M and N, with the epilogue added after
+    the partial sums (qgemm.run)."""
+    case = Case(77, 1000, 1024, bits=5, group=32, bias=True, residual=True, name=f"split{split}_")
+    inputs = make_inputs(case)
+    ours = qgemm.run(backend, **inputs, split=split)
+    assert ours.dtype == getattr(mx, case.dtype)
+    compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))

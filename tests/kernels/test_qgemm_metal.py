@@ -7,6 +7,7 @@ bias and residual epilogue.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -83,3 +84,36 @@ def test_two_stage_pipeline(case):
                                  arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
                                  template=arguments["template"], schedule="reverse")
     compare(case, output, oracle(inputs))
+
+
+@pytest.mark.parametrize("case, split, stages", [
+    (Case(20, 72, 256, bits=4, group=64), 2, 1),
+    (Case(33, 80, 512, bits=5, group=128, bias=True, residual=True), 4, 1),
+    (Case(17, 96, 256, bits=6, group=32, dtype="bfloat16"), 2, 2),
+], ids=lambda v: v.id if isinstance(v, Case) else str(v))
+def test_split_k(case, split, stages):
+    """Split-K: each threadgroup walks only its K range and writes fp32 partials into its own slab;
+    summed (and given bias and residual as qgemm.run does) they equal the reference. With two stages
+    (the CUDA schedule) in reverse thread order as in test_two_stage_pipeline."""
+    inputs = make_inputs(case)
+    arguments = qgemm.launch("metal", inputs["x"], inputs["weight"], split=split).arguments()
+    assert arguments["output_shapes"] == [(split * case.m, case.n)]
+    source = qgemm_source.kernel_source("metal", split=True)
+    header, body = source.launch_text("metal")
+    if stages == 2:
+        header = header.replace("#define STAGES 1", "#define STAGES 2").replace("#define PAD 4", "#define PAD 0")
+    (partials,) = run_metal_kernel("qgemm_split", source.input_names, source.output_names, body, header,
+                                   [to_numpy(a) for a in arguments["inputs"]], arguments["output_shapes"],
+                                   arguments["output_dtypes"], arguments["grid"], arguments["threadgroup"],
+                                   template=arguments["template"], schedule="reverse")
+    slabs = partials.reshape(split, case.m, case.n)
+    assert all(np.abs(s).max() > 0 for s in slabs), "a K range was left unwritten"
+    y = mx.array(slabs.sum(axis=0)).astype(getattr(mx, case.dtype))
+    if case.bias:
+        y = y + inputs["bias"]
+    if case.residual:
+        y = inputs["residual"] + y
+    compare(case, np.array(y.astype(mx.float32)), oracle(inputs))
+    # One slab alone is not the answer: the K ranges really are split.
+    with pytest.raises(AssertionError):
+        compare(case, slabs[0] * split, oracle(inputs))

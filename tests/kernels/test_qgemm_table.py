@@ -162,3 +162,27 @@ def test_ops_linear_takes_the_dense_route_where_the_table_says_dense(monkeypatch
     expected = residual + layer.matmul(x) + layer.bias
     error = np.abs(np.array(ours - expected, dtype=np.float32)).max() / np.abs(np.array(expected, dtype=np.float32)).max()
     assert error < 4 * 2**-10, f"relative error {error:.3g}"
+
+
+def test_split_k_fills_small_cuda_grids():
+    """Grids below SPLIT_TARGET threadgroups are split along K by powers of two up to MAX_SPLIT,
+    only where the K tiles divide into runs of >= MIN_SPLIT_TILES; never on Metal."""
+    def split(backend, m, n, k):
+        return qgemm.split_k(backend, m, n, k, qgemm.tile(backend, m, n))
+    assert split("cuda", 128, 3584, 18944) == 8      # 7B down: 28 threadgroups
+    assert split("cuda", 128, 4608, 3584) == 4       # 7B QKV: 36 → 144
+    assert split("cuda", 128, 37888, 3584) == 1      # 7B gate/up: 296 already
+    assert split("cuda", 2048, 3584, 18944) == 1
+    assert split("cuda", 128, 1152, 896) == 2        # 28 K tiles: a second halving would leave 7
+    assert split("cuda", 16, 1000, 96) == 1          # 3 K tiles do not halve
+    assert split("metal", 128, 3584, 18944) == 1
+
+
+def test_split_launch_takes_no_epilogue():
+    inputs = make_inputs(Case(16, 64, 256, bias=True))
+    with pytest.raises(ValueError, match="split-K"):
+        qgemm.launch("cuda", inputs["x"], inputs["weight"], bias=inputs["bias"], split=2)
+    with pytest.raises(ValueError, match="split-K"):
+        qgemm.launch("cuda", inputs["x"], inputs["weight"], split=16)  # 8 K tiles
+    launch = qgemm.launch("cuda", inputs["x"], inputs["weight"], split=2)
+    assert launch.arguments()["output_shapes"] == [(32, 64)] and launch.arguments()["output_dtypes"] == [mx.float32]
