@@ -3,16 +3,16 @@
 MLX's CUDA allocator gives an array made on the host side (a file read by `mx.load`, an array
 built from numpy, as both loaders do) *managed* memory (`cudaMallocManaged`, in
 mlx/backend/cuda/allocator.cpp: `malloc` without a stream), while arrays computed on the GPU get
-`cudaMallocAsync` device memory. Managed pages migrate to the GPU on first touch, but kernels that
-stream a model's weights still read them far slower than device memory: on the H200, random 7B
-4-bit weights, a 128-token prefill's quantized GEMMs ran 2-2.6x slower than on weights made on the
-GPU (`benchmarks/qgemm_bench.py`'s cold-weight times against the same kernels inside a prefill, Nsight
-Compute, commit 0fd4073; the weight copies that benchmark cycles through are computed on the GPU). So on CUDA each weight is copied once on the GPU (`x * 1`: exact for every
-dtype, -0.0 included) into a fresh device buffer, a bounded batch at a time so the peak stays one
-batch above the model, and the managed buffers are returned to the driver.
+`cudaMallocAsync` device memory. `FOUNDRY_DEVICE_WEIGHTS=1` copies each weight once on the GPU
+(`x * 1`: exact for every dtype, -0.0 included) into a fresh device buffer, a bounded batch at a
+time so the peak stays one batch above the model, and returns the managed buffers to the driver.
 
-`FOUNDRY_DEVICE_WEIGHTS=0` keeps the weights where loading put them (for comparison); Metal (unified
-memory) and the CPU have nothing to move.
+It is off by default: on the H200 (random weights, `foundry-mlx bench`, benchmarks/results/
+h200-*-DEVICE_WEIGHTS-*) the order of two back-to-back runs mattered more than the switch. 0.5B
+decode, off then on: 1,216 then 1,354 tok/s (91df070); on then off: 1,209 then 1,377 (eff4a5c);
+7B pp128 off then on 4,496 then 4,652, decode 405 both. Nothing here says managed pages, once
+migrated, are slower to stream; the switch stays for a machine where they are (one without
+`concurrentManagedAccess`, say) to measure. Metal (unified memory) and the CPU have nothing to move.
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ BATCH_BYTES = 1 << 30  # weights copied per evaluation: the transient extra memo
 
 
 def enabled() -> bool:
-    """On where MLX's arrays from the host land in managed memory (CUDA), unless switched off."""
+    """With FOUNDRY_DEVICE_WEIGHTS=1 on CUDA (where MLX puts arrays from the host in managed memory)."""
     value = os.environ.get(SWITCH, "")
     if value not in ("", "0", "1"):
-        raise FoundryError(f"{SWITCH} must be 0 or 1, not {value!r}; unset it for the default (on with CUDA).")
-    if value == "":
-        return kernels.gpu_backend() == "cuda"
-    return value == "1"
+        raise FoundryError(f"{SWITCH} must be 0 or 1, not {value!r}; unset it for the default (off).")
+    return value == "1" and kernels.gpu_backend() == "cuda"
 
 
 def into_device_memory(model, batch_bytes: int = BATCH_BYTES) -> int:

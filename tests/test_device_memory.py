@@ -1,8 +1,9 @@
 """Weights copied into device memory after loading (foundry_mlx/device_memory.py).
 
-On the CPU the default does nothing (only CUDA gives host-made arrays managed memory); the switch
-forces the copy so its bookkeeping runs here: every weight replaced by an equal array of the same
-dtype, shared arrays (tied embeddings) copied once and still shared, batches flushed on the way.
+Off by default; on with FOUNDRY_DEVICE_WEIGHTS=1 where the backend is CUDA. The tests stand a CUDA
+backend in for the check (the copy itself is plain MLX, so it runs on the CPU): every weight
+replaced by an equal array of the same dtype, shared arrays (tied embeddings) copied once and still
+shared, batches flushed on the way.
 """
 
 from __future__ import annotations
@@ -25,14 +26,20 @@ class Tied(nn.Module):
         self.layers = [{"w": mx.arange(6, dtype=mx.uint32).reshape(2, 3)} for _ in range(3)]
 
 
-@pytest.mark.parametrize("backend, default", [(None, False), ("metal", False), ("cuda", True)])
-def test_default_is_on_with_cuda_only(monkeypatch, backend, default):
-    monkeypatch.delenv(device_memory.SWITCH, raising=False)
+@pytest.fixture
+def cuda(monkeypatch):
+    monkeypatch.setattr(device_memory.kernels, "gpu_backend", lambda: "cuda")
+
+
+@pytest.mark.parametrize("backend, value, on", [(None, "1", False), ("metal", "1", False), ("cuda", "1", True),
+                                                ("cuda", "", False), ("cuda", "0", False)])
+def test_on_only_when_asked_with_cuda(monkeypatch, backend, value, on):
+    monkeypatch.setenv(device_memory.SWITCH, value)
     monkeypatch.setattr(device_memory.kernels, "gpu_backend", lambda: backend)
-    assert device_memory.enabled() is default
+    assert device_memory.enabled() is on
 
 
-def test_nothing_moves_when_off(monkeypatch):
+def test_nothing_moves_when_off(monkeypatch, cuda):
     monkeypatch.setenv(device_memory.SWITCH, "0")
     model = Tied()
     before = {name: id(a) for name, a in tree_flatten(model.parameters())}
@@ -41,14 +48,14 @@ def test_nothing_moves_when_off(monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
-def test_switch_rejects_other_values(monkeypatch, value):
+def test_switch_rejects_other_values(monkeypatch, cuda, value):
     monkeypatch.setenv(device_memory.SWITCH, value)
     with pytest.raises(FoundryError, match=device_memory.SWITCH):
         device_memory.enabled()
 
 
 @pytest.mark.parametrize("batch_bytes", [1, 1 << 30])
-def test_every_weight_is_replaced_by_an_equal_copy(monkeypatch, batch_bytes):
+def test_every_weight_is_replaced_by_an_equal_copy(monkeypatch, cuda, batch_bytes):
     monkeypatch.setenv(device_memory.SWITCH, "1")
     model = Tied()
     before = dict(tree_flatten(model.parameters()))
@@ -68,10 +75,14 @@ def test_every_weight_is_replaced_by_an_equal_copy(monkeypatch, batch_bytes):
 def test_load_moves_the_weights_it_loaded(monkeypatch, tmp_path):
     """`load` hands every model it builds to into_device_memory (a GGUF here; directories take the
     same exit), and the copies generate the same tokens as the weights loading made."""
+    import os
+
     from tiny_models import write_tiny_model
 
     import foundry_mlx as fm
 
+    # the switch alone decides here (a stand-in CUDA backend would send generation to CUDA kernels)
+    monkeypatch.setattr(device_memory, "enabled", lambda: os.environ.get(device_memory.SWITCH) == "1")
     monkeypatch.setenv(device_memory.SWITCH, "1")
     seen = []
     original = device_memory.into_device_memory

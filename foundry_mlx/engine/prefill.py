@@ -1,8 +1,8 @@
 """Prefill of a prompt's first chunk as one compiled MLX graph (on CUDA by default; `FOUNDRY_PREFILL_COMPILE`).
 
-Short prompts prefill at the speed MLX builds and dispatches graph nodes, not at the speed of
-their GEMMs: on the H200 a 128-token prefill of the 7B model takes ~30 ms, of which its GEMMs
-~11 ms, for ~25-30 nodes a layer. `mx.compile` traces the forward pass once and replays it from
+Short prompts pay MLX's host time per graph node (~25-30 nodes a layer) besides their GEMMs (a
+128-token prefill of the 7B on the H200 was nonetheless GPU-bound, 29 of 33 ms in kernels, until
+split-K: kernels/qgemm.py). `mx.compile` traces the forward pass once and replays it from
 C++, with its element-wise chains fused. Measured on the H200 (bae500d,
 `benchmarks/device_prefill_compile.sh`, `benchmarks/results/h200-prefill-compile*`), eager →
 compiled tok/s: 0.5B pp128 10,836 → 16,680, pp512 33,790 → 61,389; 7B pp128 3,230 → 3,860, pp512
