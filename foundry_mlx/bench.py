@@ -5,7 +5,8 @@ timed by the same clock here: prefill speed is prompt length / time to first tok
 is (tokens - 1) / (time of the last token - time of the first), end-of-sequence ignored. Trials
 interleave the engines (foundry, mlx-lm, foundry, …) so drift in clocks or temperature hits both.
 Achieved bandwidth is the bytes one decode step must read (every weight once, one embedding row,
-the KV cache at that depth) times tokens per second.
+the KV cache at that depth) times tokens per second; a prefill's achieved rate is its arithmetic
+(`prefill_flops`) over the time to first token, in TFLOP/s.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Measurement:
     time_to_first_token: list[float] = field(default_factory=list)
     peak_memory_gb: list[float] = field(default_factory=list)
     bandwidth_gb_s: list[float] = field(default_factory=list)
+    tflops: list[float] = field(default_factory=list)  # prefill only
 
     def summary(self) -> dict:
         tps = self.tokens_per_second
@@ -57,12 +59,28 @@ class Measurement:
 class Engine:
     """One engine's model and its streaming call, reduced to what the benchmark needs."""
 
-    def __init__(self, name: str, model, stream: Callable[[list[int], int], object], weight_bytes: int, kv_bytes_per_position: int):
+    def __init__(self, name: str, model, stream: Callable[[list[int], int], object], weight_bytes: int,
+                 kv_bytes_per_position: int, flops: Callable[[int], float] | None = None):
         self.name = name
         self.model = model
         self.stream = stream  # (prompt ids, max tokens) -> iterator of responses
         self.weight_bytes = weight_bytes
         self.kv_bytes_per_position = kv_bytes_per_position
+        self.flops = flops  # prompt length -> arithmetic of its prefill (None: not reported)
+
+
+def prefill_flops(config, length: int) -> float:
+    """Multiply-adds x2 of prefilling `length` tokens: every layer's projections for every token,
+    causal attention (scores and weighted values over the positions each query sees), and the LM
+    head for the last position only (what the engines compute). Sliding windows are ignored: an
+    upper bound for Gemma 3's local layers."""
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.head_dim
+    projections = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    projections += 3 * hidden * config.intermediate_size
+    attention = 2 * heads * head_dim * length * (length + 1) / 2  # QK^T and PV, causal
+    per_layer = 2 * projections * length + 2 * attention
+    return config.num_hidden_layers * per_layer + 2 * hidden * config.vocab_size
 
 
 def decode_weight_bytes(model, tied_embeddings: bool) -> int:
@@ -93,10 +111,12 @@ def foundry_engine(model, tokenizer) -> Engine:
     def stream(ids: list[int], max_tokens: int):
         return stream_generate(model, tokenizer, ids, max_tokens=max_tokens, ignore_eos=True)
 
-    return Engine(f"foundry-mlx ({kernels.backend_name()})", model, stream, weight_bytes, kv)
+    return Engine(f"foundry-mlx ({kernels.backend_name()})", model, stream, weight_bytes, kv,
+                  lambda length: prefill_flops(config, length))
 
 
-def mlx_lm_engine(path: Path, weight_bytes: int, kv_bytes_per_position: int) -> Engine:
+def mlx_lm_engine(path: Path, weight_bytes: int, kv_bytes_per_position: int,
+                  flops: Callable[[int], float] | None = None) -> Engine:
     import mlx_lm
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -108,7 +128,7 @@ def mlx_lm_engine(path: Path, weight_bytes: int, kv_bytes_per_position: int) -> 
     def stream(ids: list[int], max_tokens: int):
         return stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler)
 
-    return Engine("mlx-lm", model, stream, weight_bytes, kv_bytes_per_position)
+    return Engine("mlx-lm", model, stream, weight_bytes, kv_bytes_per_position, flops)
 
 
 def _timed_stream(engine: Engine, ids: list[int], max_tokens: int,
@@ -140,6 +160,8 @@ def run(engines: list[Engine], config: BenchConfig, vocab_size: int, log: Callab
         m.time_to_first_token.append(ttft)
         m.peak_memory_gb.append(peak)
         m.bandwidth_gb_s.append((engine.weight_bytes + engine.kv_bytes_per_position * length) * tps / 1e9)
+        if kind == "prefill" and engine.flops is not None:
+            m.tflops.append(engine.flops(length) / ttft / 1e12)
 
     log("warming up (first calls compile kernels)")
     for engine in engines:
@@ -212,7 +234,7 @@ def table(measurements: list[Measurement]) -> str:
     engines = list(dict.fromkeys(m.engine for m in measurements))
     settings = list(dict.fromkeys((m.kind, m.length) for m in measurements))
     by_key = {(m.engine, m.kind, m.length): m for m in measurements}
-    header = "| setting | " + " | ".join(f"{e} tok/s (median [min]) | GB/s" for e in engines)
+    header = "| setting | " + " | ".join(f"{e} tok/s (median [min]) | GB/s, TFLOP/s" for e in engines)
     header += " | ratio |" if len(engines) == 2 else " |"
     lines = [header, "|" + "---|" * (1 + 2 * len(engines) + (len(engines) == 2))]
     for kind, length in settings:
@@ -225,7 +247,9 @@ def table(measurements: list[Measurement]) -> str:
                 continue
             s = m.summary()
             medians.append(s["median"])
-            cells += [f"{s['median']:.1f} [{s['min']:.1f}]", f"{statistics.median(m.bandwidth_gb_s):.1f}"]
+            rate = (f"{statistics.median(m.tflops):.1f} TFLOP/s" if m.tflops
+                    else f"{statistics.median(m.bandwidth_gb_s):.1f}")
+            cells += [f"{s['median']:.1f} [{s['min']:.1f}]", rate]
         ratio = f" | {medians[0] / medians[1]:.2f}×" if len(medians) == 2 else ""
         lines.append(f"| {label} | " + " | ".join(cells) + ratio + " |")
     return "\n".join(lines)

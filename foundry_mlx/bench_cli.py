@@ -84,7 +84,8 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
     with tempfile.TemporaryDirectory(prefix="foundry-bench-") as scratch:
         if "mlx-lm" in wanted:
             directory = model.source if Path(model.source).is_dir() else save_directory(model, tokenizer, Path(scratch) / "mlx", progress=False)
-            selected.append(benchmark.mlx_lm_engine(directory, ours.weight_bytes, ours.kv_bytes_per_position))
+            selected.append(benchmark.mlx_lm_engine(directory, ours.weight_bytes, ours.kv_bytes_per_position,
+                                                   ours.flops))
         measurements = benchmark.run(selected, config, model.config.vocab_size, log=lambda line: click.echo(line, err=True))
     from .engine.decoder import fused_decoder_for, step_nodes
 
