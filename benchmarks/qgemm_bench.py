@@ -12,8 +12,8 @@ L2 keeps warm). And each call's x depends on the previous call's output (x + 0·
 element-wise add per call, the same for every route), as a prefill's products depend on each other:
 independent calls let MLX run kernels side by side, which hid how little of the GPU a small grid
 fills (7B down at M=128: 122 µs in independent calls, 571 µs inside a prefill under Nsight Compute,
-`benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt`). Timing: `calls` independent calls are queued and evaluated together
-(enough for ~20 ms), the median of `--trials` such batches is kept, divided by `calls`; the
+`benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt`). Timing: `calls` such chained calls are
+queued and evaluated together (enough for ~20 ms), the median of `--trials` such batches is kept, divided by `calls`; the
 routes alternate batch by batch. On CUDA the other plausible tiles (qgemm.CUDA_TILES) are
 timed too, so the tile rule can follow the measurements. The first call of each (NVRTC compile, MLX's JIT) is
 excluded and reported as warm-up time. A shape that fails to compile or run is reported, not

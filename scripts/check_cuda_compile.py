@@ -186,31 +186,27 @@ def compile_layer(args, scratch: Path) -> bool:
 
 
 def compile_qgemm(args, scratch: Path) -> bool:
-    """The prefill GEMM (kernels/qgemm.py): both tiles, both dtypes, every bit width, each epilogue."""
+    """The prefill GEMM (kernels/qgemm.py): every tile, both dtypes, every bit width, each epilogue
+    (on the 4-bit 128-row tile), and split-K (fp32 partials, no epilogue) on the 128- and 16-row tiles."""
     failed = False
+    variants = ((False, False, False), (True, True, False), (False, False, True))  # bias, residual, split
     for dtype in ("float16", "bfloat16"):
         for bits, group in ((4, 64), (5, 32), (6, 128), (8, 32)):
             for tile in qgemm.CUDA_TILES.values():
-                for bias, residual in ((False, False), (True, True)):
+                for bias, residual, split in variants:
                     if (bias or residual) and (bits, tile[0]) != (4, 128):
                         continue
-                    source = qgemm_source.kernel_source("cuda", bias, residual)
+                    if split and tile[0] not in (128, 16):
+                        continue
+                    source = qgemm_source.kernel_source("cuda", bias, residual, split)
                     types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype,
                              "residual": dtype}
                     template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
-                                ("WARPS_M", tile[2]), ("WARPS_N", tile[3])]
-                    label = f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
+                                ("WARPS_M", tile[2]), ("WARPS_N", tile[3])] + ([("SPLIT_K", 4)] if split else [])
+                    label = (f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
+                             + (" split=4" if split else ""))
                     failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
-                                       [("y", dtype)], template)
-            # split-K (fp32 partials, no epilogue) on the tiles it runs with
-            for tile in (qgemm.CUDA_TILES["128x128"], qgemm.CUDA_TILES["16x128"]):
-                source = qgemm_source.kernel_source("cuda", split=True)
-                types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype}
-                template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
-                            ("WARPS_M", tile[2]), ("WARPS_N", tile[3]), ("SPLIT_K", 4)]
-                label = f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]} split=4"
-                failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
-                                   [("y", "float32")], template)
+                                       [("y", "float32" if split else dtype)], template)
     return failed
 
 

@@ -174,15 +174,15 @@ def _finish(bias: bool, residual: bool, split: bool = False) -> str:
     """The epilogue of one output element, rounded to T where the reference path rounds; with
     split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of y."""
     if split:
-        body = "y[((long)split * m_rows + r_) * N + c_] = v_;"
-        return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
-    lines = ["T value = static_cast<T>(v_);"]
-    if bias:
-        lines.append("value = static_cast<T>(static_cast<float>(value) + static_cast<float>(bias[c_]));")
-    if residual:
-        lines.append("value = static_cast<T>(static_cast<float>(residual[(long)r_ * N + c_]) "
-                     "+ static_cast<float>(value));")
-    lines.append("y[(long)r_ * N + c_] = value;")
+        lines = ["y[((long)split * m_rows + r_) * N + c_] = v_;"]
+    else:
+        lines = ["T value = static_cast<T>(v_);"]
+        if bias:
+            lines.append("value = static_cast<T>(static_cast<float>(value) + static_cast<float>(bias[c_]));")
+        if residual:
+            lines.append("value = static_cast<T>(static_cast<float>(residual[(long)r_ * N + c_]) "
+                         "+ static_cast<float>(value));")
+        lines.append("y[(long)r_ * N + c_] = value;")
     body = " ".join(lines)
     return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
 
