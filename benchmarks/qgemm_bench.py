@@ -42,7 +42,7 @@ import mlx.core as mx  # noqa: E402
 
 from foundry_mlx import kernels  # noqa: E402
 from foundry_mlx.bench import machine_info  # noqa: E402
-from foundry_mlx.kernels import qgemm, qgemm_dense  # noqa: E402
+from foundry_mlx.kernels import qgemm, qgemm_dense, qgemm_source  # noqa: E402
 from foundry_mlx.quant import QuantizedWeight  # noqa: E402
 
 SHAPES = [  # (model, matrix, N, K); the 7B first: the target, measured before any budget cut
@@ -127,7 +127,7 @@ def candidate_tiles(m: int) -> dict:
 
 
 def run_point(backend: str, weights: list[QuantizedWeight], m: int, n: int, k: int, trials: int,
-              tiles: bool) -> dict:
+              tiles: bool, splits: tuple[int, ...] = ()) -> dict:
     x = (mx.random.normal((m, k), key=mx.random.key(m)) * 0.5).astype(mx.float16)
     mx.eval(x)
 
@@ -142,6 +142,10 @@ def run_point(backend: str, weights: list[QuantizedWeight], m: int, n: int, k: i
     split = qgemm.split_k(backend, m, n, k, chosen)
     if split > 1:  # what split-K buys: the same tile unsplit
         functions["unsplit"] = rotating(lambda x, w: qgemm.run(backend, x, w, split=1), weights, x)
+    for factor in splits:  # other split-K factors than split_k's choice, on its tile
+        if factor != split and (k // qgemm_source.BK) % factor == 0:
+            functions[f"split_{factor}"] = rotating(
+                lambda x, w, factor=factor: qgemm.run(backend, x, w, split=factor), weights, x)
     if tiles and backend == "cuda":
         for name, shape in candidate_tiles(m).items():
             if shape != chosen:
@@ -215,6 +219,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--budget", type=float, default=200.0, help="seconds; later points are skipped")
     parser.add_argument("--no-tiles", action="store_true", help="time only the tile qgemm.tile picks")
+    parser.add_argument("--shapes", help="only these, e.g. 7b:gate_up,0.5b:down (default: all)")
+    parser.add_argument("--rows", help="only these M, e.g. 128 (default: 16,128,512,2048)")
+    parser.add_argument("--splits", default="", help="also time these split-K factors, e.g. 1,2,4")
     parser.add_argument("--rotate-mb", type=float, default=512.0,
                         help="cycle through weight copies of at least this many MB (0: one warm copy)")
     args = parser.parse_args()
@@ -224,6 +231,12 @@ def main() -> int:
         return 2
     shapes = [s for s in SHAPES if s[0] == "7b"] if args.quick else SHAPES
     row_counts = (512, 2048) if args.quick else ROWS
+    if args.shapes:
+        wanted = set(args.shapes.split(","))
+        shapes = [s for s in shapes if f"{s[0]}:{s[1]}" in wanted]
+    if args.rows:
+        row_counts = tuple(int(m) for m in args.rows.split(","))
+    splits = tuple(int(f) for f in args.splits.split(",") if f)
     began = time.perf_counter()
     rows = []
     print(f"{'shape':>14s} {'N':>7s} {'K':>6s} {'M':>5s} {'ours µs':>9s} {'MLX µs':>9s} {'dense µs':>9s} "
@@ -237,7 +250,7 @@ def main() -> int:
             else:
                 try:
                     weights = weights or copies(quantized(n, k, index), args.rotate_mb)
-                    row |= run_point(backend, weights, m, n, k, args.trials, not args.no_tiles)
+                    row |= run_point(backend, weights, m, n, k, args.trials, not args.no_tiles, splits)
                 except Exception as error:  # a shape that fails to compile or run is a result
                     row["error"] = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     traceback.print_exc(limit=2)
@@ -250,7 +263,9 @@ def main() -> int:
                       f"{row['dense_us']:9.1f} {row['ours_tflops']:9.1f} {row['mlx_tflops']:9.1f} "
                       f"{row['speedup']:8.2f} {row['dense_speedup']:9.2f}  "
                       f"{row['tile']}/{row['split']} (unsplit {row.get('unsplit_us', '-')}; "
-                      f"best tile {row['best_tile']} {row['best_tile_us']})", flush=True)
+                      f"best tile {row['best_tile']} {row['best_tile_us']})"
+                      + "".join(f" {key[:-3]} {value}" for key, value in row.items()
+                                if key.startswith("split_") and key.endswith("_us")), flush=True)
         del weights
     seconds = time.perf_counter() - began
     info = machine_info()

@@ -56,25 +56,32 @@ def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
     return CUDA_TILES["64x128"]
 
 
-# Split-K: a CUDA grid of fewer threadgroups than this is split along K (x2, x4, x8) until it reaches
-# it. 132 SMs on an H100/H200, two of our 128x128 threadgroups fit on one; the 7B's down, o_proj and
-# QKV at M=128 are 28-36 threadgroups, each then streaming its weights through a two-stage pipeline
-# alone on an SM: down_proj took 571 µs inside a prefill where its cold-weight micro-benchmark (other
-# calls' kernels overlapping it) took 122 (benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt).
-SPLIT_TARGET = 132
+# Split-K on CUDA: a grid too small to fill the GPU has its K split into 2, 4 or 8 ranges (fp32
+# partials, summed in `run`). 132 SMs on an H100/H200, each holding REGISTERS_PER_SM // (threads x 128)
+# of our threadgroups (qgemm_source.LAUNCH_BOUNDS caps registers at 128): two 128x128 tiles, four of
+# the 128-thread ones. The 7B's down at M=128 is 28 threadgroups; unsplit it took 571 µs inside a
+# prefill (benchmarks/results/h200-ncu-prefill-7b-4bit-0fd4073.txt).
+SMS = 132
+REGISTERS_PER_SM = 65536
 MAX_SPLIT = 8
 MIN_SPLIT_TILES = 8  # K tiles (of 32) each split keeps at least
 
 
+def slots(tile_shape: tuple[int, int, int, int]) -> int:
+    """Threadgroups of this tile the GPU runs at once (one wave)."""
+    threads = tile_shape[2] * tile_shape[3] * 32
+    return SMS * (REGISTERS_PER_SM // (threads * qgemm_source.MAX_REGISTERS))
+
+
 def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, int, int]) -> int:
-    """How many K ranges a launch is split into (1: none): CUDA only, doubling while the grid is
-    below SPLIT_TARGET threadgroups and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
+    """How many K ranges a launch is split into (1: none): CUDA only, doubling while the split grid
+    still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
     if backend != "cuda":
         return 1
     groups = -(-m // tile_shape[0]) * -(-n // tile_shape[1])
-    k_tiles = k // qgemm_source.BK
+    places, k_tiles = slots(tile_shape), k // qgemm_source.BK
     split = 1
-    while (groups * split < SPLIT_TARGET and split < MAX_SPLIT and k_tiles % (2 * split) == 0
+    while (groups * 2 * split <= places and 2 * split <= MAX_SPLIT and k_tiles % (2 * split) == 0
            and k_tiles // (2 * split) >= MIN_SPLIT_TILES):
         split *= 2
     return split

@@ -20,6 +20,10 @@ from .qgemv import LOAD_WORDS_CUDA
 from .source import KernelSource
 
 BK = 32  # K per tile: one 32-value chunk of a weight row = BITS whole uint32 words
+# CUDA: at most 256 threads (the 128x128 tile's 8 warps), two blocks per SM: registers capped at 128
+# (no spills, sm_90a), so two 128x128 tiles share an SM; uncapped, NVRTC's 156 fit one.
+LAUNCH_BOUNDS = (256, 2)
+MAX_REGISTERS = 65536 // (LAUNCH_BOUNDS[0] * LAUNCH_BOUNDS[1])
 
 _HEADER = {
     "cuda": """
@@ -315,4 +319,4 @@ def kernel_source(backend: str, bias: bool = False, residual: bool = False, spli
     if not split:
         body = "  constexpr int SPLIT_K = 1;\n" + body
     return KernelSource(kernel_name(bias, residual, split), input_names(bias, residual, split), ("y",), body,
-                        _HEADER[backend])
+                        _HEADER[backend], launch_bounds=LAUNCH_BOUNDS)

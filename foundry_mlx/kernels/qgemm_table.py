@@ -30,21 +30,27 @@ MEASURED: dict[tuple[str, int, int, int, int, int], str] = {
     # --no-tiles --budget 170`), float16 x, 4-bit weights in groups of 64, cold (calls cycle through
     # weight copies of >= 512 MB, as a prefill reads each matrix once; e042b39's table timed one warm
     # copy, and two M=128 "kernel" entries it made lost in real prefills). MLX/route per entry.
-    # Everything else (every M=16 point, M=128 but the 7B LM head, 0.5B's qkv and o at every M)
-    # measured fastest on MLX's quantized_matmul.
+    # Everything else (every M=16 point, 0.5B's qkv and o at 512 and 2048) measured fastest on MLX's
+    # quantized_matmul.
     # M=128 (the 128 bucket, where a chat prompt's prefill lands) is decided end to end instead, since
     # micro-benchmarks mislead at this size both ways (independent calls overlap on the GPU and hide
     # small grids; chained ones pay a dependency per call: h200-qgemm-chained.md). The 7B: our kernel
     # with split-K for every product of a 128-token prefill, `foundry-mlx bench` pp128 5,697 tok/s
     # (h200-qwen2.5-7b-4bit-pp128-eff4a5c.md) against 4,652 with MLX's products (the table before,
     # h200-qwen2.5-7b-4bit-DEVICE_WEIGHTS-1-91df070.md); prefill alone (prefill_compile_bench,
-    # h200-prefill-routes-a3a6fdd.txt) kernel / dense / MLX 22.4 / 22.5 / 26.8 ms. The 0.5B stays on
-    # MLX: prefill alone favoured the kernel (6.6 against 7.7 ms), but the benchmark's time to first
-    # token, buffers freed before each run, fell from 14.2-14.8k tok/s (MLX, 91df070) to 10.7-12.4k.
+    # h200-prefill-routes-a3a6fdd.txt) kernel / dense / MLX 22.4 / 22.5 / 26.8 ms. The 0.5B: our kernel
+    # for its four products too, `foundry-mlx bench` pp128 (9c8f864, h200-0.5b-pp128-qgemm-*-9c8f864.md,
+    # five trials each) 18,000 tok/s median (buffers freed before each run) and 20,274 (kept) against
+    # 14,635-15,316 on MLX's products (kept). One earlier run (eff4a5c) had the kernel route at
+    # 10.7-12.4k; prefill alone then also favoured the kernel (6.6 against 7.7 ms).
     ("cuda", 128, 4608, 3584, 4, 64): "kernel",    # 7B qkv
     ("cuda", 128, 3584, 3584, 4, 64): "kernel",    # 7B o_proj
     ("cuda", 128, 37888, 3584, 4, 64): "kernel",   # 7B gate_up
     ("cuda", 128, 3584, 18944, 4, 64): "kernel",   # 7B down
+    ("cuda", 128, 1152, 896, 4, 64): "kernel",     # 0.5B qkv
+    ("cuda", 128, 896, 896, 4, 64): "kernel",      # 0.5B o_proj
+    ("cuda", 128, 9728, 896, 4, 64): "kernel",     # 0.5B gate_up
+    ("cuda", 128, 896, 4864, 4, 64): "kernel",     # 0.5B down
     # Qwen2.5-7B
     ("cuda", 512, 4608, 3584, 4, 64): "dense",     # qkv 1.06x
     ("cuda", 2048, 4608, 3584, 4, 64): "dense",    # qkv 2.58x

@@ -86,12 +86,18 @@ class KernelSource:
     output_names: tuple[str, ...]
     body: str
     header: str = ""
+    # CUDA only: (most threads per block, fewest blocks per SM) as `__launch_bounds__`, which caps
+    # registers so that many blocks fit on an SM (see `_launch_bounds`).
+    launch_bounds: tuple[int, int] | None = None
 
     def render(self, backend: str) -> tuple[str, str]:
         """(header, source) for `mx.fast.metal_kernel` or `mx.fast.cuda_kernel`."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
-        return _PRELUDE[backend] + self.header, _PROLOGUE[backend] + self.body
+        header, body = _PRELUDE[backend] + self.header, _PROLOGUE[backend] + self.body
+        if backend == "cuda" and self.launch_bounds is not None:
+            header, body = _launch_bounds(header, body, *self.launch_bounds)
+        return header, body
 
     def launch_text(self, backend: str) -> tuple[str, str]:
         """`render`'s (header, source) without comments and indentation: what MLX is given. MLX
@@ -121,6 +127,19 @@ class KernelSource:
                 return cuda_cache.CachedCudaKernel(kernel, f"{self.name}_{backend}", header, source, self.input_names,
                                                    self.output_names)
         return kernel
+
+
+def _launch_bounds(header: str, body: str, threads: int, blocks: int) -> tuple[str, str]:
+    """`__launch_bounds__(threads, blocks)` on the kernel MLX generates. `mx.fast.cuda_kernel`
+    writes the signature itself (`__global__ void name(...)`, right after our header) and takes no
+    attributes for it, so the header's last lines redefine `__global__` to carry the bounds and the
+    body's first line restores it. Why it matters: NVRTC (what MLX and kernels/cuda_cache.py compile
+    with) gave the prefill GEMM 156 registers where nvcc gives the same source 125, so one 256-thread
+    block fit on an H200 SM instead of two (Nsight Compute: 12.4% achieved occupancy,
+    benchmarks/results/h200-ncu-qgemm-*-9c8f864.txt); capped at 128 it spills nothing (6-bit: 8 bytes)."""
+    redefine = ('#pragma push_macro("__global__")\n#undef __global__\n'
+                f"#define __global__ __location__(global) __launch_bounds__({threads}, {blocks})\n")
+    return header + redefine, '#pragma pop_macro("__global__")\n' + body
 
 
 def rewritten(text: str, replacements, once: bool = False) -> str:

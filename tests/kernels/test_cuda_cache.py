@@ -164,3 +164,41 @@ def test_failures_are_reported_once_per_process(monkeypatch, tmp_path, capsys):
         _launch(cuda_cache.CachedCudaKernel(_Recorder(), name, "", "  y[0] = x[0];\n", ("x",), ("y",)))
     err = capsys.readouterr().err
     assert err.count("foundry-mlx: kernel") == 1 and "first_cuda" in err and "PermissionError: read-only" in err
+
+
+def test_launch_bounds_reach_the_generated_signature_only():
+    """`KernelSource.launch_bounds` puts `__launch_bounds__` on the kernel MLX declares after our
+    header, and nowhere else: the text MLX compiles, run through clang's preprocessor with CUDA's
+    own definitions of `__global__` and `__launch_bounds__` (crt/host_defines.h), declares the
+    kernel with the bounds, and a `__global__` written after the body's first line is plain again."""
+    from foundry_mlx.kernels.metal_sim import build
+    from foundry_mlx.kernels.source import KernelSource
+
+    source = KernelSource("probe", ("x",), ("out",), "out[0] = x[0];\n__global__ void later();\n",
+                          launch_bounds=(256, 2))
+    header, body = source.launch_text("cuda")
+    text = cuda_cache.mlx_source("custom_kernel_probe_cuda", header, body, ["x"], [mx.zeros((4,), mx.float16)],
+                                 ["out"], [mx.float16], [])
+    host_defines = ("#define __annotate__(a) __attribute__((a))\n#define __location__(a) __annotate__(a)\n"
+                    "#define __global__ __location__(global)\n"
+                    "#define __launch_bounds__(...) __annotate__(launch_bounds(__VA_ARGS__))\n")
+    text = host_defines + "".join(line + "\n" for line in text.splitlines() if not line.startswith("#include"))
+    result = build.compiler().run(["-E", "-P", "-x", "c++", "-"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    expanded = " ".join(result.stdout.split())
+    assert ("__attribute__((global)) __attribute__((launch_bounds(256, 2))) void custom_kernel_probe_cuda("
+            in expanded), expanded
+    assert "__attribute__((global)) void later();" in expanded
+    assert expanded.count("launch_bounds") == 1
+    plain = KernelSource("probe", ("x",), ("out",), "out[0] = x[0];\n", launch_bounds=(256, 2))
+    assert "launch_bounds" not in "".join(plain.launch_text("metal"))
+    assert "launch_bounds" not in "".join(KernelSource("probe", ("x",), ("out",), "out[0] = x[0];\n").launch_text("cuda"))
+
+
+def test_the_prefill_gemm_is_bounded_to_two_blocks_per_sm():
+    from foundry_mlx.kernels import qgemm_source
+
+    for split in (False, True):
+        header, _ = qgemm_source.kernel_source("cuda", split=split).launch_text("cuda")
+        assert "__launch_bounds__(256, 2)" in header
+    assert qgemm_source.MAX_REGISTERS == 128

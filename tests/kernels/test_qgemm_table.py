@@ -165,15 +165,20 @@ def test_ops_linear_takes_the_dense_route_where_the_table_says_dense(monkeypatch
 
 
 def test_split_k_fills_small_cuda_grids():
-    """Grids below SPLIT_TARGET threadgroups are split along K by powers of two up to MAX_SPLIT,
-    only where the K tiles divide into runs of >= MIN_SPLIT_TILES; never on Metal."""
+    """A CUDA grid is split along K by powers of two up to MAX_SPLIT while the split grid still fits
+    in one wave (two 128x128 tiles or four 128-thread ones per SM), only where the K tiles divide into
+    runs of >= MIN_SPLIT_TILES; never on Metal."""
     def split(backend, m, n, k):
         return qgemm.split_k(backend, m, n, k, qgemm.tile(backend, m, n))
-    assert split("cuda", 128, 3584, 18944) == 8      # 7B down: 28 threadgroups
-    assert split("cuda", 128, 4608, 3584) == 4       # 7B QKV: 36 → 144
+    assert qgemm.slots(qgemm.CUDA_TILES["128x128"]) == 2 * qgemm.SMS
+    assert qgemm.slots(qgemm.CUDA_TILES["64x128"]) == 4 * qgemm.SMS
+    assert split("cuda", 128, 3584, 18944) == 8      # 7B down: 28 threadgroups → 224
+    assert split("cuda", 128, 4608, 3584) == 4       # 7B QKV: 36 → 144 (288 would overflow 264)
     assert split("cuda", 128, 37888, 3584) == 1      # 7B gate/up: 296 already
+    assert split("cuda", 512, 3584, 3584) == 2       # 112 → 224
     assert split("cuda", 2048, 3584, 18944) == 1
     assert split("cuda", 128, 1152, 896) == 2        # 28 K tiles: a second halving would leave 7
+    assert split("cuda", 128, 896, 4864) == 8        # 0.5B down: 14 threadgroups of 64x128 → 112
     assert split("cuda", 16, 1000, 96) == 1          # 3 K tiles do not halve
     assert split("metal", 128, 3584, 18944) == 1
 

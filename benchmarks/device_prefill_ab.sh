@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# On the device machine (H200): one round of prefill GEMM work in one call, results in $OUT/results.tgz.
+#   REVISION=<commit> BASE=.ab/base bash benchmarks/device_prefill_ab.sh
+# BASE: a copy of an earlier foundry_mlx package to compare against (made here with
+#   `mkdir -p .ab/base && git archive <commit> foundry_mlx | tar -x -C .ab/base`; untracked, it travels).
+# 1. GPU tests of the GEMM (tests/kernels/test_qgemm_gpu.py) unless TESTS=0.
+# 2. Prefill alone (benchmarks/prefill_compile_bench.py, compiled, buffers kept) of the 7B and the
+#    0.5B at LENGTHS (default 128), this tree against BASE in alternation (this, base, this, base),
+#    with FOUNDRY_QGEMM=${AB_QGEMM:-1} so both run our kernel wherever it can.
+# 3. QGEMM_ARGS: benchmarks/qgemm_bench.py with those arguments (e.g. `--shapes 7b:gate_up --rows 128
+#    --splits 1,2,4 --no-tiles`), if given.
+# 4. NCU_SHAPES: benchmarks/ncu_qgemm.sh on those shapes at M=128, if given.
+# 5. `foundry-mlx bench` for each of SPECS ("shape engines prompt-lengths decode-tokens;...").
+set -o pipefail
+bash .device/b/install.sh || exit 3
+export PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
+HERE=$PWD
+R=/tmp/results-ab; rm -rf $R; mkdir -p $R
+trap 'tar czf "$OUT/results.tgz" -C $R .' EXIT
+for s in qwen2.5-0.5b qwen2.5-7b; do
+  [ -d /tmp/random-$s-4bit ] || PYTHONPATH=$HERE python3 scripts/make_random_model.py --shape $s --quant 4bit \
+    --out /tmp/random-$s-4bit >/dev/null 2>&1 || exit 4
+done
+if [ "${TESTS:-1}" != 0 ]; then
+  PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -p no:cacheprovider \
+    --tb=short 2>&1 | tail -15 | tee $R/h200-qgemm-gpu-tests-${REVISION:-unknown}.log
+fi
+for s in ${AB_MODELS:-qwen2.5-7b qwen2.5-0.5b}; do
+  for tree in this base this base; do
+    path=$HERE; [ $tree = base ] && path=$HERE/${BASE:-.ab/base}
+    [ -d "$path/foundry_mlx" ] || { echo "no $path/foundry_mlx"; continue; }
+    echo "== $s $tree"
+    FOUNDRY_QGEMM=${AB_QGEMM:-1} PYTHONPATH=$path timeout ${AB_TIMEOUT:-90} python3 benchmarks/prefill_compile_bench.py \
+      --path /tmp/random-$s-4bit --lengths ${LENGTHS:-128} --trials ${AB_TRIALS:-9} 2>&1 | tail -${AB_TAIL:-2}
+  done
+done 2>&1 | tee $R/h200-prefill-ab-${REVISION:-unknown}.txt
+if [ -n "$QGEMM_ARGS" ]; then
+  PYTHONPATH=$HERE timeout ${QGEMM_TIMEOUT:-150} python3 benchmarks/qgemm_bench.py $QGEMM_ARGS \
+    --out $R/h200-qgemm-${REVISION:-unknown} 2>&1 | tail -12
+fi
+if [ -n "$NCU_SHAPES" ]; then
+  mkdir -p $R/ncu; OUT=$R/ncu SHAPES="$NCU_SHAPES" PYTHONPATH=$HERE timeout ${NCU_TIMEOUT:-120} bash benchmarks/ncu_qgemm.sh
+fi
+IFS=';' read -ra specs <<< "${SPECS:-}"
+for spec in "${specs[@]}"; do
+  set -- $spec
+  echo "== bench $1 $2 prompts $3 decode $4"
+  PYTHONPATH=$HERE timeout ${BENCH_TIMEOUT:-200} python3 -m foundry_mlx bench -m /tmp/random-$1-4bit --engines $2 \
+    --prompt-lengths $3 --depths 0 --decode-tokens $4 --trials 3 --out $R/h200-$1-4bit-$2-${REVISION:-unknown} 2>&1 \
+    | grep -v "^trial" | tail -${BENCH_TAIL:-12}
+done
