@@ -10,7 +10,8 @@
 # 3. QGEMM_ARGS: benchmarks/qgemm_bench.py with those arguments (e.g. `--shapes 7b:gate_up --rows 128
 #    --splits 1,2,4 --no-tiles`), if given.
 # 4. NCU_SHAPES: benchmarks/ncu_qgemm.sh on those shapes at M=128, if given.
-# 5. `foundry-mlx bench` for each of SPECS ("shape engines prompt-lengths decode-tokens;...").
+# 5. `foundry-mlx bench` for each of SPECS ("shape engines prompt-lengths decode-tokens [NAME=value ...]
+#    [--flag ...];..."), e.g. "qwen2.5-0.5b foundry 128 4 FOUNDRY_QGEMM=0 --keep-buffers".
 set -o pipefail
 bash .device/b/install.sh || exit 3
 export PYTHONUNBUFFERED=1 FOUNDRY_GIT_REVISION=${REVISION:-unknown}
@@ -44,8 +45,11 @@ fi
 IFS=';' read -ra specs <<< "${SPECS:-}"
 for spec in "${specs[@]}"; do
   set -- $spec
-  echo "== bench $1 $2 prompts $3 decode $4"
-  PYTHONPATH=$HERE timeout ${BENCH_TIMEOUT:-200} python3 -m foundry_mlx bench -m /tmp/random-$1-4bit --engines $2 \
-    --prompt-lengths $3 --depths 0 --decode-tokens $4 --trials 3 --out $R/h200-$1-4bit-$2-${REVISION:-unknown} 2>&1 \
-    | grep -v "^trial" | tail -${BENCH_TAIL:-12}
+  switches=(); flags=()
+  for word in "${@:5}"; do [[ $word == *=* ]] && switches+=("$word") || flags+=("$word"); done
+  tag=$(echo "${*:5}" | sed 's/FOUNDRY_//g; s/--//g; s/=/-/g; s/ /_/g')
+  echo "== bench $1 $2 prompts $3 decode $4 ${*:5}"
+  env PYTHONPATH=$HERE "${switches[@]}" timeout ${BENCH_TIMEOUT:-200} python3 -m foundry_mlx bench -m /tmp/random-$1-4bit \
+    --engines $2 --prompt-lengths $3 --depths 0 --decode-tokens $4 --trials ${BENCH_TRIALS:-3} "${flags[@]}" \
+    --out $R/h200-$1-4bit-${2//,/-}${tag:+-$tag}-${REVISION:-unknown} 2>&1 | grep -v "^trial" | tail -${BENCH_TAIL:-12}
 done

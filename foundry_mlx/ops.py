@@ -39,7 +39,7 @@ def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.a
                 y = qgemm.run(backend, x, weight, bias=bias, residual=residual)
             else:
                 y = qgemm_dense.run(x, weight, bias=bias, residual=residual)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return y  # (..., N): both routes keep x's leading axes
     y = layer.matmul(x)
     if "bias" in layer:
         y = y + layer.bias

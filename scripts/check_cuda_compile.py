@@ -207,6 +207,11 @@ def compile_qgemm(args, scratch: Path) -> bool:
                              + (" split=4" if split else ""))
                     failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
                                        [("y", "float32" if split else dtype)], template)
+        for bias, residual in ((False, False), (True, True)):  # split-K's sum of the partials
+            source = qgemm_source.reduce_source(bias, residual)
+            types = {"partials": "float32", "bias": dtype, "residual": dtype}
+            failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source, types,
+                               [("y", dtype)], [("T", dtype), ("THREADS", 256)])
     return failed
 
 

@@ -97,37 +97,39 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
            residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
            split: int = 1) -> Launch:
-    """Arguments for one call on x (..., K): the output is (M, N), M the product of x's leading axes;
-    with `split` > 1 (the split variant, no bias or residual) (split·M, N) fp32 partial sums.
+    """Arguments for one call on x (..., K): the output is (..., N), x's leading axes kept (the kernel
+    flattens them into M rows, so no reshape node is needed either side); with `split` > 1 (the split
+    variant, no bias or residual) (split, M, N) fp32 partial sums. `residual` has the output's size.
     `tile_shape` overrides the chosen tile (the benchmark compares them)."""
     if not supported(x, weight):
         raise ValueError(f"quantized GEMM does not handle x {x.shape} {x.dtype} with {weight.bits}-bit "
                          f"weights {weight.shape}, group {weight.group_size}")
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    m = x.size // k
     block_m, block_n, warps_m, warps_n = tile_shape or tile(backend, m, n)
-    inputs = [x2, weight.weight, weight.scales, weight.biases]
+    inputs = [x, weight.weight, weight.scales, weight.biases]
     if split > 1 and (bias is not None or residual is not None or (k // qgemm_source.BK) % split):
         raise ValueError(f"split-K by {split} takes no epilogue and K tiles ({k // qgemm_source.BK}) it divides")
+    if residual is not None and residual.size != m * n:
+        raise ValueError(f"residual {residual.shape} does not match the product's {m}x{n}")
     if bias is not None:
         inputs.append(bias)
     if residual is not None:
-        inputs.append(residual.reshape(m, n))
+        inputs.append(residual)
     template = [("T", x.dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("BM", block_m),
                 ("BN", block_n), ("WARPS_M", warps_m), ("WARPS_N", warps_n)]
     threads = warps_m * warps_n * 32
     groups = -(-m // block_m) * -(-n // block_n)
     if split > 1:
         template.append(("SPLIT_K", split))
-        return Launch(inputs, template, (groups * split * threads, 1, 1), (threads, 1, 1), (split * m, n),
+        return Launch(inputs, template, (groups * split * threads, 1, 1), (threads, 1, 1), (split, m, n),
                       mx.float32)
-    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (m, n), x.dtype)
+    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n), x.dtype)
 
 
 def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
               residual: mx.array | None = None) -> mx.array:
-    """The twin in plain `mlx` ops, (M, N) like the kernel: dequantize, then a dense matmul, which
+    """The twin in plain `mlx` ops, (..., N) like the kernel: dequantize, then a dense matmul, which
     is the dense route itself (kernels/qgemm_dense.py; the kernel needs x's dtype for the scales,
     so dequantizing to x's dtype is dequantizing to the scales')."""
     return qgemm_dense.run(x, weight, bias, residual)
@@ -147,9 +149,9 @@ def _kernel(backend: str, bias: bool, residual: bool, split: bool):
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
         residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
         split: int | None = None) -> mx.array:
-    """The kernel's y (M, N) on `backend`; kernel objects are built once per (backend, epilogue).
-    `split` K ranges (default `split_k`'s choice): their fp32 partials are summed here, rounded to T
-    and given the bias and residual as `ops.linear` adds them after MLX's product (in T)."""
+    """The kernel's y (..., N) on `backend`; kernel objects are built once per (backend, epilogue).
+    `split` K ranges (default `split_k`'s choice): their fp32 partials are summed by a second launch
+    (`reduce_launch`), rounded to T and given the bias and residual as the unsplit epilogue does."""
     n, k = weight.shape
     m = x.size // k
     tile_shape = tile_shape or tile(backend, m, n)
@@ -159,10 +161,33 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
         return _kernel(backend, bias is not None, residual is not None, False)(**arguments)[0]
     arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split).arguments()
     partials = _kernel(backend, False, False, True)(**arguments)[0]
-    y = partials.reshape(split, m, n).sum(axis=0).astype(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y if residual is None else residual.reshape(m, n) + y
+    arguments = reduce_launch(partials, (*x.shape[:-1], n), x.dtype, bias, residual).arguments()
+    return _reduce_kernel(backend, bias is not None, residual is not None)(**arguments)[0]
+
+
+REDUCE_THREADS = 256
+
+
+def reduce_launch(partials: mx.array, shape: tuple[int, ...], dtype, bias: mx.array | None = None,
+                  residual: mx.array | None = None) -> Launch:
+    """Arguments for split-K's sum (qgemm_source.reduce_source) of `partials` (S, M, N) into `shape`
+    (M·N elements) of `dtype`, with the bias and the residual (of that size) added."""
+    _, m, n = partials.shape
+    inputs = [partials] + ([bias] if bias is not None else []) + ([residual] if residual is not None else [])
+    threads = -(-m * n // REDUCE_THREADS) * REDUCE_THREADS
+    return Launch(inputs, [("T", dtype), ("THREADS", REDUCE_THREADS)], (threads, 1, 1), (REDUCE_THREADS, 1, 1),
+                  shape, dtype)
+
+
+_reduce_kernels: dict[tuple[str, bool, bool], object] = {}
+
+
+def _reduce_kernel(backend: str, bias: bool, residual: bool):
+    key = (backend, bias, residual)
+    kernel = _reduce_kernels.get(key)
+    if kernel is None:
+        kernel = _reduce_kernels[key] = qgemm_source.reduce_source(bias, residual).build(backend)
+    return kernel
 
 
 def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:

@@ -25,15 +25,15 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 
 def run(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
         residual: mx.array | None = None) -> mx.array:
-    """x @ dequant(W)ᵀ (+ bias) (+ residual) as (M, N), M the product of x's leading axes: the
-    semantics of kernels/qgemm.py's `reference`, with the weight dequantized to x's dtype (the
-    precision the GEMM runs in; fp32 scales would otherwise make it an fp32 GEMM)."""
-    n, k = weight.shape
+    """x @ dequant(W)ᵀ (+ bias) (+ residual) as (..., N), x's leading axes kept: the semantics of
+    kernels/qgemm.py's `reference`, with the weight dequantized to x's dtype (the precision the
+    GEMM runs in; fp32 scales would otherwise make it an fp32 GEMM). `residual` has the output's size."""
+    n, _ = weight.shape
     dense = mx.dequantize(weight.weight, weight.scales, weight.biases, group_size=weight.group_size,
                           bits=weight.bits, dtype=x.dtype)
-    y = x.reshape(-1, k) @ dense.T
+    y = x @ dense.T
     if bias is not None:
         y = y + bias
     if residual is not None:
-        y = residual.reshape(-1, n) + y
+        y = (residual if residual.shape == y.shape else residual.reshape(y.shape)) + y
     return y

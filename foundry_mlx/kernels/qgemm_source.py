@@ -198,8 +198,9 @@ _SKELETON = """
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;      // each warp's share of the output tile
   // M, N and K are read from the shapes, not baked in: one compiled kernel per (T, bits, group,
   // tile) serves every matrix of a model and every prompt length.
-  const int m_rows = x_shape[0];
-  const int K = x_shape[1];
+  const int K = x_shape[x_ndim - 1];
+  int m_rows = 1;                                          // x's leading axes, flattened
+  for (int d = 0; d + 1 < x_ndim; ++d) m_rows *= x_shape[d];
   const int N = w_shape[0];
   const int WORDS_PER_ROW = K * BITS / 32;
   const int GROUPS_PER_ROW = K / GROUP;
@@ -297,6 +298,30 @@ _SKELETON = """
 #undef STORE_W
 #undef FINISH
 """
+
+
+_REDUCE = """
+  const int S = partials_shape[0];
+  const int m_rows = partials_shape[1];
+  const int N = partials_shape[2];
+  const long i = (long)group_id * THREADS + (long)thread_id;
+{finish}
+  if (i < (long)m_rows * N) {{
+    float v = 0.0f;
+    for (int s = 0; s < S; ++s) v += partials[(long)s * m_rows * N + i];   // in K order, as one range would
+    FINISH((int)(i / N), (int)(i % N), v);
+  }}
+#undef FINISH
+"""
+
+
+def reduce_source(bias: bool = False, residual: bool = False) -> KernelSource:
+    """Split-K's second launch: y = T(the S fp32 partial slabs summed) (+ bias) (+ residual), rounded
+    where the unsplit epilogue rounds (template: T, THREADS; partials (S, M, N)). One launch in place
+    of MLX's sum, cast and adds (four graph nodes, each a pass over memory)."""
+    epilogue = (("bias",) if bias else ()) + (("residual",) if residual else ())
+    name = "foundry_qgemm_reduce" + ("_bias" if bias else "") + ("_residual" if residual else "")
+    return KernelSource(name, ("partials",) + epilogue, ("y",), _REDUCE.format(finish=_finish(bias, residual)))
 
 
 def kernel_name(bias: bool, residual: bool, split: bool = False) -> str:

@@ -51,9 +51,9 @@ def test_dense_route_within_the_kernels_tolerance_of_the_float32_oracle(case):
     compare(case, np.array(qgemm_dense.run(**inputs).astype(mx.float32)), oracle(inputs))
 
 
-def test_dense_route_dequantizes_to_x_dtype_and_keeps_leading_axes_in_rows():
+def test_dense_route_dequantizes_to_x_dtype_and_keeps_leading_axes():
     """float32 scales (as `up` makes them) must not turn a float16 product into a float32 one; x
-    (B, L, K) and a residual (B, L, N) give (B·L, N) rows, as qgemm.run returns them."""
+    (B, L, K) and a residual (B, L, N) give (B, L, N), as qgemm.run returns them."""
     case = Case(12, 48, 128, group=64, bias=True, residual=True)
     inputs = make_inputs(case, seed=7)
     weight = inputs["weight"]
@@ -61,8 +61,8 @@ def test_dense_route_dequantizes_to_x_dtype_and_keeps_leading_axes_in_rows():
                            weight.bits, weight.group_size)
     x, residual = inputs["x"].reshape(2, 6, 128), inputs["residual"].reshape(2, 6, 48)
     ours = qgemm_dense.run(x, wide, bias=inputs["bias"], residual=residual)
-    assert ours.dtype == mx.float16 and ours.shape == (12, 48)
-    compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))  # float32 dequantization rounds apart
+    assert ours.dtype == mx.float16 and ours.shape == (2, 6, 48)
+    compare(case, np.array(ours.reshape(12, 48).astype(mx.float32)), oracle(inputs))  # float32 dequantization rounds apart
 
 
 def test_dense_route_handles_floating_x_of_the_weights_k_only():

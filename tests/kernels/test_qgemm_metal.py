@@ -97,7 +97,7 @@ def test_split_k(case, split, stages):
     (the CUDA schedule) in reverse thread order as in test_two_stage_pipeline."""
     inputs = make_inputs(case)
     arguments = qgemm.launch("metal", inputs["x"], inputs["weight"], split=split).arguments()
-    assert arguments["output_shapes"] == [(split * case.m, case.n)]
+    assert arguments["output_shapes"] == [(split, case.m, case.n)]
     source = qgemm_source.kernel_source("metal", split=True)
     header, body = source.launch_text("metal")
     if stages == 2:
@@ -108,12 +108,47 @@ def test_split_k(case, split, stages):
                                    template=arguments["template"], schedule="reverse")
     slabs = partials.reshape(split, case.m, case.n)
     assert all(np.abs(s).max() > 0 for s in slabs), "a K range was left unwritten"
-    y = mx.array(slabs.sum(axis=0)).astype(getattr(mx, case.dtype))
-    if case.bias:
-        y = y + inputs["bias"]
-    if case.residual:
-        y = inputs["residual"] + y
-    compare(case, np.array(y.astype(mx.float32)), oracle(inputs))
+    # The second launch sums the slabs and adds the epilogue, as qgemm.run does.
+    reduce = qgemm.reduce_launch(mx.array(partials), (case.m, case.n), getattr(mx, case.dtype),
+                                 inputs["bias"] if case.bias else None, inputs["residual"] if case.residual else None)
+    (y,) = run_source(qgemm_source.reduce_source(case.bias, case.residual), reduce.arguments())
+    compare(case, bfloat16_to_float32(y) if case.dtype == "bfloat16" else y, oracle(inputs))
     # One slab alone is not the answer: the K ranges really are split.
     with pytest.raises(AssertionError):
         compare(case, slabs[0] * split, oracle(inputs))
+
+
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_split_reduce_rounds_as_the_unsplit_epilogue(bias, residual):
+    """The reduce launch alone on chosen partials (3 slabs, 5x7 with one partial thread group): the
+    slabs summed in fp32, rounded to T, then the bias and the residual each added and rounded in T,
+    the unsplit epilogue's order; checked against that computed here in numpy, bit for bit."""
+    rng = np.random.default_rng(3)
+    partials = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    b = rng.normal(size=7).astype(np.float16)
+    r = rng.normal(size=(5, 7)).astype(np.float16)
+    launch = qgemm.reduce_launch(mx.array(partials), (5, 7), mx.float16, mx.array(b) if bias else None,
+                                 mx.array(r) if residual else None)
+    (y,) = run_source(qgemm_source.reduce_source(bias, residual), launch.arguments())
+    expected = (partials[0] + partials[1] + partials[2]).astype(np.float16)
+    if bias:
+        expected = (expected.astype(np.float32) + b.astype(np.float32)).astype(np.float16)
+    if residual:
+        expected = (r.astype(np.float32) + expected.astype(np.float32)).astype(np.float16)
+    assert y.shape == (5, 7) and y.dtype == np.float16
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_leading_axes_are_rows_without_reshapes():
+    """x (B, L, K) and a residual (B, L, N) go to the kernel as they are (no reshape nodes): it flattens
+    the leading axes into rows itself, and its output is (B, L, N) holding the 2-D product's values."""
+    case = Case(20, 72, 128, bits=4, group=32, bias=True, residual=True)
+    inputs = make_inputs(case)
+    flat = _run(case)
+    x, residual = inputs["x"].reshape(4, 5, 128), inputs["residual"].reshape(4, 5, 72)
+    launch = qgemm.launch("metal", x, inputs["weight"], bias=inputs["bias"], residual=residual)
+    assert launch.arguments()["output_shapes"] == [(4, 5, 72)]
+    assert launch.arguments()["inputs"][0] is x and launch.arguments()["inputs"][-1] is residual
+    (output,) = run_source(qgemm_source.kernel_source("metal", True, True), launch.arguments())
+    assert output.shape == (4, 5, 72)
+    np.testing.assert_array_equal(output.reshape(20, 72), flat)

@@ -190,4 +190,4 @@ def test_split_launch_takes_no_epilogue():
     with pytest.raises(ValueError, match="split-K"):
         qgemm.launch("cuda", inputs["x"], inputs["weight"], split=16)  # 8 K tiles
     launch = qgemm.launch("cuda", inputs["x"], inputs["weight"], split=2)
-    assert launch.arguments()["output_shapes"] == [(32, 64)] and launch.arguments()["output_dtypes"] == [mx.float32]
+    assert launch.arguments()["output_shapes"] == [(2, 16, 64)] and launch.arguments()["output_dtypes"] == [mx.float32]
