@@ -23,11 +23,11 @@ for s in qwen2.5-0.5b qwen2.5-7b; do
     --out /tmp/random-$s-4bit >/dev/null 2>&1 || exit 4
 done
 if [ "${TESTS:-1}" != 0 ]; then
-  PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -p no:cacheprovider \
+  PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -k "${TEST_FILTER:-}" -p no:cacheprovider \
     --tb=short 2>&1 | tail -15 | tee $R/h200-qgemm-gpu-tests-${REVISION:-unknown}.log
 fi
 for s in ${AB_MODELS:-qwen2.5-7b qwen2.5-0.5b}; do
-  for tree in this base this base; do
+  for tree in ${AB_ORDER:-this base this base}; do
     path=$HERE; [ $tree = base ] && path=$HERE/${BASE:-.ab/base}
     [ -d "$path/foundry_mlx" ] || { echo "no $path/foundry_mlx"; continue; }
     echo "== $s $tree"
