@@ -7,6 +7,8 @@
 # 2. Prefill alone (benchmarks/prefill_compile_bench.py, compiled, buffers kept) of the 7B and the
 #    0.5B at LENGTHS (default 128), this tree against BASE in alternation (this, base, this, base),
 #    with FOUNDRY_QGEMM=${AB_QGEMM:-1} so both run our kernel wherever it can.
+#    AB_SWITCHES="NAME=value[ NAME=value];...": instead, this tree alone with each setting in turn
+#    (and none first), in alternation, e.g. "FOUNDRY_QGEMM_AHEAD=2;FOUNDRY_QGEMM_AHEAD=3".
 # 3. QGEMM_ARGS: benchmarks/qgemm_bench.py with those arguments (e.g. `--shapes 7b:gate_up --rows 128
 #    --splits 1,2,4 --no-tiles`), if given.
 # 4. NCU_SHAPES: benchmarks/ncu_qgemm.sh on those shapes at M=128, if given.
@@ -26,13 +28,17 @@ if [ "${TESTS:-1}" != 0 ]; then
   PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -k "${TEST_FILTER:-}" -p no:cacheprovider \
     --tb=short 2>&1 | tail -15 | tee $R/h200-qgemm-gpu-tests-${REVISION:-unknown}.log
 fi
+IFS=';' read -ra settings <<< "${AB_SWITCHES:+FOUNDRY_NOTHING=;$AB_SWITCHES}"
 for s in ${AB_MODELS:-qwen2.5-7b qwen2.5-0.5b}; do
-  for tree in ${AB_ORDER:-this base this base}; do
-    path=$HERE; [ $tree = base ] && path=$HERE/${BASE:-.ab/base}
+  if [ ${#settings[@]} -gt 0 ]; then runs=("${settings[@]}" "${settings[@]}"); else runs=(${AB_ORDER:-this base this base}); fi
+  for run in "${runs[@]}"; do
+    path=$HERE; switches=(FOUNDRY_NOTHING=)
+    if [ ${#settings[@]} -gt 0 ]; then read -ra switches <<< "$run"; elif [ "$run" = base ]; then path=$HERE/${BASE:-.ab/base}; fi
     [ -d "$path/foundry_mlx" ] || { echo "no $path/foundry_mlx"; continue; }
-    echo "== $s $tree"
-    FOUNDRY_QGEMM=${AB_QGEMM:-1} PYTHONPATH=$path timeout ${AB_TIMEOUT:-90} python3 benchmarks/prefill_compile_bench.py \
-      --path /tmp/random-$s-4bit --lengths ${LENGTHS:-128} --trials ${AB_TRIALS:-9} 2>&1 | tail -${AB_TAIL:-2}
+    echo "== $s $run"
+    env FOUNDRY_QGEMM=${AB_QGEMM:-1} PYTHONPATH=$path "${switches[@]}" timeout ${AB_TIMEOUT:-90} \
+      python3 benchmarks/prefill_compile_bench.py --path /tmp/random-$s-4bit --lengths ${LENGTHS:-128} \
+      --trials ${AB_TRIALS:-9} 2>&1 | tail -${AB_TAIL:-2}
   done
 done 2>&1 | tee $R/h200-prefill-ab-${REVISION:-unknown}.txt
 if [ -n "$QGEMM_ARGS" ]; then

@@ -26,7 +26,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundry_mlx.kernels import embed, qgemm, qgemm_source, qgemv, qgemv_batch, qgemv_launch, sample, sdpa, sdpa_split  # noqa: E402
+from foundry_mlx.kernels import (  # noqa: E402
+    embed,
+    qgemm,
+    qgemm_ring,
+    qgemm_source,
+    qgemv,
+    qgemv_batch,
+    qgemv_launch,
+    sample,
+    sdpa,
+    sdpa_split,
+)
 
 
 def mlx_cuda_source(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], header: str, body: str,
@@ -207,6 +218,15 @@ def compile_qgemm(args, scratch: Path) -> bool:
                              + (" split=4" if split else ""))
                     failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
                                        [("y", "float32" if split else dtype)], template)
+        for ahead, split in ((2, False), (3, False), (2, True)):  # the experimental ring schedule (qgemm_ring)
+            source = qgemm_ring.kernel_source("cuda", not split, not split, split)
+            types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype, "residual": dtype}
+            tile = qgemm.CUDA_TILES["128x128"]
+            template = [("T", dtype), ("BITS", 4), ("GROUP", 64), ("BM", tile[0]), ("BN", tile[1]), ("WARPS_M", tile[2]),
+                        ("WARPS_N", tile[3]), ("AHEAD", ahead)] + ([("SPLIT_K", 4)] if split else [])
+            failed |= _compile(args, scratch, f"{source.name} {dtype} bits=4 ahead={ahead}" + (" split=4" if split else ""),
+                               f"{source.name}_{dtype}_{ahead}", source, types, [("y", "float32" if split else dtype)],
+                               template)
         for bias, residual in ((False, False), (True, True)):  # split-K's sum of the partials
             source = qgemm_source.reduce_source(bias, residual)
             types = {"partials": "float32", "bias": dtype, "residual": dtype}

@@ -80,7 +80,7 @@ class _TraceCache:
 
 
 class CompiledPrefill:
-    """A model's compiled prefill: one `mx.compile` per kernel backend and quantized-GEMM switch
+    """A model's compiled prefill: one `mx.compile` per kernel backend and quantized-GEMM switches
     (both decide routes while tracing), and within it one trace per bucket."""
 
     def __init__(self, model) -> None:
@@ -101,7 +101,7 @@ class CompiledPrefill:
     def __call__(self, ids: Sequence[int], cache: list[KVCache]) -> mx.array:
         length = len(ids)
         padded = mx.array(list(ids) + [0] * (bucket(length) - length))[None]
-        key = (kernels.backend_name(), os.environ.get("FOUNDRY_QGEMM", ""))
+        key = (kernels.backend_name(), os.environ.get("FOUNDRY_QGEMM", ""), os.environ.get("FOUNDRY_QGEMM_AHEAD", ""))
         forward = self._compiled.get(key)
         if forward is None:
             forward = self._compiled[key] = mx.compile(self._forward)

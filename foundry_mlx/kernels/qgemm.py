@@ -19,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
-from . import qgemm_dense, qgemm_source, qgemm_table
+from . import qgemm_dense, qgemm_ring, qgemm_source, qgemm_table
 from .qgemv_launch import Launch
 
 DTYPES = (mx.float16, mx.bfloat16)
@@ -96,11 +96,12 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 
 def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
            residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
-           split: int = 1) -> Launch:
+           split: int = 1, ahead: int = 1) -> Launch:
     """Arguments for one call on x (..., K): the output is (..., N), x's leading axes kept (the kernel
     flattens them into M rows, so no reshape node is needed either side); with `split` > 1 (the split
     variant, no bias or residual) (split, M, N) fp32 partial sums. `residual` has the output's size.
-    `tile_shape` overrides the chosen tile (the benchmark compares them)."""
+    `tile_shape` overrides the chosen tile (the benchmark compares them). `ahead` > 1: the ring
+    schedule's template (kernels/qgemm_ring.py, experimental)."""
     if not supported(x, weight):
         raise ValueError(f"quantized GEMM does not handle x {x.shape} {x.dtype} with {weight.bits}-bit "
                          f"weights {weight.shape}, group {weight.group_size}")
@@ -118,6 +119,8 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
         inputs.append(residual)
     template = [("T", x.dtype), ("BITS", weight.bits), ("GROUP", weight.group_size), ("BM", block_m),
                 ("BN", block_n), ("WARPS_M", warps_m), ("WARPS_N", warps_n)]
+    if ahead > 1:
+        template.append(("AHEAD", ahead))
     threads = warps_m * warps_n * 32
     groups = -(-m // block_m) * -(-n // block_n)
     if split > 1:
@@ -135,14 +138,17 @@ def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None
     return qgemm_dense.run(x, weight, bias, residual)
 
 
-_kernels: dict[tuple[str, bool, bool, bool], object] = {}
+_kernels: dict[tuple, object] = {}
 
 
-def _kernel(backend: str, bias: bool, residual: bool, split: bool):
-    key = (backend, bias, residual, split)
+def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory: int = 0):
+    """The kernel object per (backend, epilogue, split); with dynamic `shared_memory` (bytes, the
+    ring schedule's), qgemm_ring's source, one object per size (MLX fixes it per object)."""
+    key = (backend, bias, residual, split, shared_memory)
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = _kernels[key] = qgemm_source.kernel_source(backend, bias, residual, split).build(backend)
+        source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split)
+        kernel = _kernels[key] = source.build(backend, shared_memory)
     return kernel
 
 
@@ -156,11 +162,13 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     m = x.size // k
     tile_shape = tile_shape or tile(backend, m, n)
     split = split_k(backend, m, n, k, tile_shape) if split is None else split
+    ahead = qgemm_ring.ahead() if backend == "cuda" else 1
+    shared = qgemm_ring.shared_bytes(tile_shape, weight.bits, ahead, x.dtype.size) if ahead > 1 else 0
     if split == 1:
-        arguments = launch(backend, x, weight, bias, residual, tile_shape).arguments()
-        return _kernel(backend, bias is not None, residual is not None, False)(**arguments)[0]
-    arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split).arguments()
-    partials = _kernel(backend, False, False, True)(**arguments)[0]
+        arguments = launch(backend, x, weight, bias, residual, tile_shape, ahead=ahead).arguments()
+        return _kernel(backend, bias is not None, residual is not None, False, shared)(**arguments)[0]
+    arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
+    partials = _kernel(backend, False, False, True, shared)(**arguments)[0]
     arguments = reduce_launch(partials, (*x.shape[:-1], n), x.dtype, bias, residual).arguments()
     return _reduce_kernel(backend, bias is not None, residual is not None)(**arguments)[0]
 

@@ -106,20 +106,21 @@ class KernelSource:
         header, source = self.render(backend)
         return compact(header), compact(source)
 
-    def build(self, backend: str):
+    def build(self, backend: str, shared_memory: int = 0):
         """The MLX kernel object (compiled lazily by MLX on first call; on CUDA, into MLX's on-disk
-        cache by kernels/cuda_cache.py, so later processes load it instead of compiling)."""
+        cache by kernels/cuda_cache.py, so later processes load it instead of compiling).
+        `shared_memory`: CUDA's dynamic shared memory per block, in bytes (`extern __shared__`)."""
         import mlx.core as mx
 
         header, source = self.launch_text(backend)
-        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        kernel = make(
-            name=f"{self.name}_{backend}",
-            input_names=list(self.input_names),
-            output_names=list(self.output_names),
-            source=source,
-            header=header,
-        )
+        options = dict(name=f"{self.name}_{backend}", input_names=list(self.input_names),
+                       output_names=list(self.output_names), source=source, header=header)
+        if backend == "metal":
+            if shared_memory:
+                raise ValueError("dynamic shared memory is CUDA's: Metal kernels declare theirs")
+            kernel = mx.fast.metal_kernel(**options)
+        else:
+            kernel = mx.fast.cuda_kernel(**options, shared_memory=shared_memory)
         if backend == "cuda":  # compiled once per machine, not per process: kernels/cuda_cache.py
             from . import cuda_cache
 

@@ -103,3 +103,20 @@ def test_every_split(backend, split):
     ours = qgemm.run(backend, **inputs, split=split)
     assert ours.dtype == getattr(mx, case.dtype)
     compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
+
+
+RING_CASES = [Case(128, n, k, name=f"ring_{name}_") for name, n, k in SHAPES if name.startswith("7b") and "lm" not in name]
+RING_CASES += [EDGES[2], EDGES[3], EDGES[8], Case(77, 1000, 1024, bits=8, group=32, bias=True, residual=True, name="ring_")]
+
+
+@pytest.mark.parametrize("ahead", [2, 3])
+@pytest.mark.parametrize("case", RING_CASES, ids=lambda c: c.id)
+def test_ring_schedule_matches_reference(monkeypatch, backend, case, ahead):
+    """FOUNDRY_QGEMM_AHEAD (kernels/qgemm_ring.py, CUDA): the 7B's products at 128 rows (split-K
+    where split_k chooses it) and ragged edges at 5, 6 and 8 bits, each with its dynamic shared memory."""
+    if backend != "cuda":
+        pytest.skip("the ring schedule is CUDA's (Metal's rendition runs in tests/kernels/test_qgemm_ring.py)")
+    monkeypatch.setenv("FOUNDRY_QGEMM_AHEAD", str(ahead))
+    inputs = make_inputs(case)
+    ours = qgemm.run(backend, **inputs)
+    compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
