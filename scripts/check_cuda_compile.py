@@ -198,8 +198,20 @@ def compile_layer(args, scratch: Path) -> bool:
 
 def compile_qgemm(args, scratch: Path) -> bool:
     """The prefill GEMM (kernels/qgemm.py): every tile, both dtypes, every bit width, each epilogue
-    (on the 4-bit 128-row tile), and split-K (fp32 partials, no epilogue) on the 128- and 16-row tiles."""
+    (on the 4-bit 128-row tile), split-K (fp32 partials, no epilogue) on the 128- and 16-row tiles and
+    its sum (reduce_source), and the experimental ring schedule (kernels/qgemm_ring.py)."""
     failed = False
+
+    def gemm(source, dtype: str, bits: int, group: int, tile, split: bool, ahead: int = 1) -> bool:
+        types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype, "residual": dtype}
+        template = ([("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
+                     ("WARPS_M", tile[2]), ("WARPS_N", tile[3])] + ([("AHEAD", ahead)] if ahead > 1 else [])
+                    + ([("SPLIT_K", 4)] if split else []))
+        label = (f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
+                 + (f" ahead={ahead}" if ahead > 1 else "") + (" split=4" if split else ""))
+        return _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}_{ahead}", source, types,
+                        [("y", "float32" if split else dtype)], template)
+
     variants = ((False, False, False), (True, True, False), (False, False, True))  # bias, residual, split
     for dtype in ("float16", "bfloat16"):
         for bits, group in ((4, 64), (5, 32), (6, 128), (8, 32)):
@@ -209,24 +221,11 @@ def compile_qgemm(args, scratch: Path) -> bool:
                         continue
                     if split and tile[0] not in (128, 16):
                         continue
-                    source = qgemm_source.kernel_source("cuda", bias, residual, split)
-                    types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype,
-                             "residual": dtype}
-                    template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("BM", tile[0]), ("BN", tile[1]),
-                                ("WARPS_M", tile[2]), ("WARPS_N", tile[3])] + ([("SPLIT_K", 4)] if split else [])
-                    label = (f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
-                             + (" split=4" if split else ""))
-                    failed |= _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}", source, types,
-                                       [("y", "float32" if split else dtype)], template)
-        for ahead, split in ((2, False), (3, False), (2, True)):  # the experimental ring schedule (qgemm_ring)
-            source = qgemm_ring.kernel_source("cuda", not split, not split, split)
-            types = {"x": dtype, "w": "uint32", "scales": dtype, "biases": dtype, "bias": dtype, "residual": dtype}
-            tile = qgemm.CUDA_TILES["128x128"]
-            template = [("T", dtype), ("BITS", 4), ("GROUP", 64), ("BM", tile[0]), ("BN", tile[1]), ("WARPS_M", tile[2]),
-                        ("WARPS_N", tile[3]), ("AHEAD", ahead)] + ([("SPLIT_K", 4)] if split else [])
-            failed |= _compile(args, scratch, f"{source.name} {dtype} bits=4 ahead={ahead}" + (" split=4" if split else ""),
-                               f"{source.name}_{dtype}_{ahead}", source, types, [("y", "float32" if split else dtype)],
-                               template)
+                    failed |= gemm(qgemm_source.kernel_source("cuda", bias, residual, split), dtype, bits, group,
+                                   tile, split)
+        for ahead, split in ((2, False), (3, False), (2, True)):
+            failed |= gemm(qgemm_ring.kernel_source("cuda", not split, not split, split), dtype, 4, 64,
+                           qgemm.CUDA_TILES["128x128"], split, ahead)
         for bias, residual in ((False, False), (True, True)):  # split-K's sum of the partials
             source = qgemm_source.reduce_source(bias, residual)
             types = {"partials": "float32", "bias": dtype, "residual": dtype}

@@ -127,6 +127,26 @@ def test_one_trace_per_bucket(loaded, switch_on):
     assert compiled.traces == before + 1
 
 
+def test_each_gemm_switch_setting_traces_anew(loaded, switch_on, monkeypatch):
+    """FOUNDRY_QGEMM and FOUNDRY_QGEMM_AHEAD decide routes while tracing (qgemm.trace_switches), so a
+    new setting of either gets its own trace of a bucket, and going back replays the first."""
+    model, _ = loaded
+    compiled = prefilling.compiled_prefill_for(model)
+    ids = prompt(2 * 128 + 3)
+    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
+    monkeypatch.delenv("FOUNDRY_QGEMM_AHEAD", raising=False)
+    mx.eval(prefilling.prefill(model, ids, model.make_cache()))
+    before = compiled.traces
+    for name, value in (("FOUNDRY_QGEMM_AHEAD", "2"), ("FOUNDRY_QGEMM", "0")):
+        monkeypatch.setenv(name, value)
+        mx.eval(prefilling.prefill(model, ids, model.make_cache()))
+    assert compiled.traces == before + 2
+    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
+    monkeypatch.delenv("FOUNDRY_QGEMM_AHEAD", raising=False)
+    mx.eval(prefilling.prefill(model, ids, model.make_cache()))
+    assert compiled.traces == before + 2
+
+
 def test_a_cache_that_is_not_fresh_runs_eagerly(loaded, switch_on, monkeypatch):
     """Later chunks and prompt-cache hits (offset > 0) take the eager path and match it."""
     model, _ = loaded

@@ -36,6 +36,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..errors import FoundryError
+from ..kernels import qgemm
 from .cache import KVCache
 
 SWITCH = "FOUNDRY_PREFILL_COMPILE"
@@ -101,7 +102,7 @@ class CompiledPrefill:
     def __call__(self, ids: Sequence[int], cache: list[KVCache]) -> mx.array:
         length = len(ids)
         padded = mx.array(list(ids) + [0] * (bucket(length) - length))[None]
-        key = (kernels.backend_name(), os.environ.get("FOUNDRY_QGEMM", ""), os.environ.get("FOUNDRY_QGEMM_AHEAD", ""))
+        key = (kernels.backend_name(), *qgemm.trace_switches())
         forward = self._compiled.get(key)
         if forward is None:
             forward = self._compiled[key] = mx.compile(self._forward)

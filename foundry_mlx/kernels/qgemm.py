@@ -16,6 +16,8 @@ kernels/qgemm_dense.py) wins.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 from ..quant import QuantizedWeight
@@ -141,15 +143,25 @@ def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory: int = 0):
-    """The kernel object per (backend, epilogue, split); with dynamic `shared_memory` (bytes, the
-    ring schedule's), qgemm_ring's source, one object per size (MLX fixes it per object)."""
-    key = (backend, bias, residual, split, shared_memory)
+def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory: int = 0, reduce: bool = False):
+    """The kernel object per (backend, epilogue, split), built on first use: the GEMM, split-K's sum
+    (`reduce`), or with dynamic `shared_memory` (bytes, the ring schedule's) qgemm_ring's GEMM, one
+    object per size (MLX fixes it per object)."""
+    key = (backend, bias, residual, split, shared_memory, reduce)
     kernel = _kernels.get(key)
     if kernel is None:
-        source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split)
+        if reduce:
+            source = qgemm_source.reduce_source(bias, residual)
+        else:
+            source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split)
         kernel = _kernels[key] = source.build(backend, shared_memory)
     return kernel
+
+
+def trace_switches() -> tuple[str, str]:
+    """The settings (as set) that decide, while a prefill is traced, which route and schedule its
+    products take: engine/prefill.py keeps one compiled trace per value."""
+    return os.environ.get(qgemm_table.VARIABLE, ""), os.environ.get(qgemm_ring.SWITCH, "")
 
 
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
@@ -170,7 +182,7 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
     partials = _kernel(backend, False, False, True, shared)(**arguments)[0]
     arguments = reduce_launch(partials, (*x.shape[:-1], n), x.dtype, bias, residual).arguments()
-    return _reduce_kernel(backend, bias is not None, residual is not None)(**arguments)[0]
+    return _kernel(backend, bias is not None, residual is not None, False, reduce=True)(**arguments)[0]
 
 
 REDUCE_THREADS = 256
@@ -186,16 +198,6 @@ def reduce_launch(partials: mx.array, shape: tuple[int, ...], dtype, bias: mx.ar
     return Launch(inputs, [("T", dtype), ("THREADS", REDUCE_THREADS)], (threads, 1, 1), (REDUCE_THREADS, 1, 1),
                   shape, dtype)
 
-
-_reduce_kernels: dict[tuple[str, bool, bool], object] = {}
-
-
-def _reduce_kernel(backend: str, bias: bool, residual: bool):
-    key = (backend, bias, residual)
-    kernel = _reduce_kernels.get(key)
-    if kernel is None:
-        kernel = _reduce_kernels[key] = qgemm_source.reduce_source(bias, residual).build(backend)
-    return kernel
 
 
 def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:

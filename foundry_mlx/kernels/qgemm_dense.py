@@ -28,7 +28,6 @@ def run(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
     """x @ dequant(W)ᵀ (+ bias) (+ residual) as (..., N), x's leading axes kept: the semantics of
     kernels/qgemm.py's `reference`, with the weight dequantized to x's dtype (the precision the
     GEMM runs in; fp32 scales would otherwise make it an fp32 GEMM). `residual` has the output's size."""
-    n, _ = weight.shape
     dense = mx.dequantize(weight.weight, weight.scales, weight.biases, group_size=weight.group_size,
                           bits=weight.bits, dtype=x.dtype)
     y = x @ dense.T

@@ -209,7 +209,7 @@ _SKELETON = """
   const int m_tiles = (m_rows + BM - 1) / BM;
   const int mn_tiles = m_tiles * ((N + BN - 1) / BN);
   // Split-K (SPLIT_K > 1, for grids too small to fill the GPU): threadgroup `split` walks only the
-  // split-th K range and writes its fp32 partial sums; the caller adds the SPLIT_K partials up.
+  // split-th K range and writes its fp32 partial sums; reduce_source's launch adds them up.
   const int split = (int)group_id / mn_tiles;
   const int K_TILES = K / BK / SPLIT_K;                    // this threadgroup's K tiles
   const int KT0 = split * K_TILES;                         // its first one
@@ -337,8 +337,8 @@ def input_names(bias: bool, residual: bool, split: bool = False) -> tuple[str, .
 
 def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False) -> KernelSource:
     """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N, and SPLIT_K for the
-    split variant; M, N, K from the shapes). `split`: y is (SPLIT_K·M, N) fp32 partial sums, with no
-    epilogue (the caller sums them and adds bias and residual: kernels/qgemm.py)."""
+    split variant; M (x's leading axes), N and K from the shapes). `split`: y is (SPLIT_K, M, N) fp32
+    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual)."""
     body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
                             store=_STORE[backend], finish=_finish(bias, residual, split))
     if not split:

@@ -22,6 +22,7 @@ from ..errors import FoundryError
 M_BUCKETS = (16, 128, 512, 2048)  # the M values the benchmark measures
 MIN_ROWS = 8  # below this a product is decode-like: never routed without the switch
 ROUTES = ("mlx", "kernel", "dense")
+VARIABLE = "FOUNDRY_QGEMM"
 SWITCH = {"0": "mlx", "1": "kernel", "dense": "dense"}
 
 # (backend, M bucket, N, K, bits, group size) → the route that measured faster than MLX by >= 5%.
@@ -79,7 +80,7 @@ def m_bucket(m: int) -> int:
 
 def switch() -> str | None:
     """FOUNDRY_QGEMM as the forced route ("mlx", "kernel" or "dense"), or None (use the table)."""
-    value = os.environ.get("FOUNDRY_QGEMM", "")
+    value = os.environ.get(VARIABLE, "")
     if value in ("", "auto"):
         return None
     if value in SWITCH:
