@@ -8,7 +8,8 @@
 #    0.5B at LENGTHS (default 128), this tree against BASE in alternation (this, base, this, base),
 #    with FOUNDRY_QGEMM=${AB_QGEMM:-1} so both run our kernel wherever it can.
 #    AB_SWITCHES="NAME=value[ NAME=value];...": instead, this tree alone with each setting in turn
-#    (and none first), in alternation, e.g. "FOUNDRY_QGEMM_AHEAD=2;FOUNDRY_QGEMM_AHEAD=3".
+#    (and none first), in alternation, e.g. "FOUNDRY_QGEMM_AHEAD=2;FOUNDRY_QGEMM_AHEAD=3"; a setting
+#    PYTHONPATH=.ab/base runs BASE's package instead. AB=0: skip this step.
 # 3. QGEMM_ARGS: benchmarks/qgemm_bench.py with those arguments (e.g. `--shapes 7b:gate_up --rows 128
 #    --splits 1,2,4 --no-tiles`), if given.
 # 4. NCU_SHAPES: benchmarks/ncu_qgemm.sh on those shapes at M=128, if given.
@@ -29,6 +30,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     --tb=short 2>&1 | tail -15 | tee $R/h200-qgemm-gpu-tests-${REVISION:-unknown}.log
 fi
 IFS=';' read -ra settings <<< "${AB_SWITCHES:+FOUNDRY_NOTHING=;$AB_SWITCHES}"
+[ "${AB:-1}" = 0 ] && AB_MODELS=" "
 for s in ${AB_MODELS:-qwen2.5-7b qwen2.5-0.5b}; do
   if [ ${#settings[@]} -gt 0 ]; then runs=("${settings[@]}" "${settings[@]}"); else runs=(${AB_ORDER:-this base this base}); fi
   for run in "${runs[@]}"; do

@@ -84,6 +84,68 @@ __device__ __forceinline__ void foundry_store_values(T* target, const float* val
   }
 }
 #define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
+// Dequantization without float conversions where q fits under T's mantissa (4-bit into half or
+// bfloat16, 8-bit into half): two q's OR-ed under the exponent of BASE make the T pair
+// (BASE + q0, BASE + q1) (a byte permute and a mask per pair), then one exact packed subtract of
+// BASE and one packed fused multiply-add: T(scale * q + bias), rounded once. About 2 instructions
+// a value where the float path (shift, mask, convert, FMA, pack) takes ~5; Nsight Compute put the
+// 7B gate/up's warps at 35% issue utilisation, mostly waiting on fixed-latency dependencies.
+template <typename T> struct foundry_pairs { static constexpr bool FOUR = false, EIGHT = false; };
+template <> struct foundry_pairs<__half> {
+  static constexpr bool FOUR = true, EIGHT = true;        // q + 1024 is exact for q < 1024
+  static constexpr unsigned int BASE = 0x64006400u;       // half2(1024, 1024)
+  static __device__ __forceinline__ unsigned int affine(unsigned int q, unsigned int s, unsigned int b) {
+    const unsigned int base = BASE;
+    const __half2 v = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&q), *reinterpret_cast<const __half2*>(&base)),
+                              *reinterpret_cast<const __half2*>(&s), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const unsigned int*>(&v);
+  }
+};
+template <> struct foundry_pairs<__nv_bfloat16> {
+  static constexpr bool FOUR = true, EIGHT = false;       // q + 128 is exact for q < 128 only
+  static constexpr unsigned int BASE = 0x43004300u;       // bfloat162(128, 128)
+  static __device__ __forceinline__ unsigned int affine(unsigned int q, unsigned int s, unsigned int b) {
+    const unsigned int base = BASE;
+    const __nv_bfloat162 v = __hfma2(
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&q), *reinterpret_cast<const __nv_bfloat162*>(&base)),
+        *reinterpret_cast<const __nv_bfloat162*>(&s), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const unsigned int*>(&v);
+  }
+};
+// VALS values of one weight row (its packed words) → target, if T and BITS have the fast path;
+// false otherwise (the skeleton's float path runs instead).
+template <typename T, int BITS, int VALS>
+__device__ __forceinline__ bool foundry_fast_dequant(T* target, const unsigned int* words, float scale, float bias,
+                                                     bool valid) {
+  using P = foundry_pairs<T>;
+  if constexpr ((BITS == 4 && P::FOUR) || (BITS == 8 && P::EIGHT)) {
+    const unsigned int s = foundry_pack2<T>(valid ? scale : 0.0f, valid ? scale : 0.0f);
+    const unsigned int b = foundry_pack2<T>(valid ? bias : 0.0f, valid ? bias : 0.0f);
+    unsigned int pairs[VALS / 2];
+    if constexpr (BITS == 4) {
+      UNROLL for (int i = 0; i < VALS / 8; ++i) {
+        const unsigned int even = words[i] & 0x0F0F0F0Fu;        // bytes q0 q2 q4 q6
+        const unsigned int odd = (words[i] >> 4) & 0x0F0F0F0Fu;  // bytes q1 q3 q5 q7
+        // pair j: bytes (q2j, q2j, q2j+1, q2j+1), the odd copies masked off, BASE's exponent OR-ed in
+        UNROLL for (int j = 0; j < 4; ++j)
+          pairs[4 * i + j] = P::affine((__byte_perm(even, odd, j * 0x1111 + 0x4400) & 0x00FF00FFu) | P::BASE, s, b);
+      }
+    } else {
+      // bytes (q0, BASE's high byte, q1, BASE's high byte): selectors 0 5 1 7 and 2 5 3 7
+      UNROLL for (int i = 0; i < VALS / 4; ++i) {
+        pairs[2 * i] = P::affine(__byte_perm(words[i], P::BASE, 0x7150), s, b);
+        pairs[2 * i + 1] = P::affine(__byte_perm(words[i], P::BASE, 0x7352), s, b);
+      }
+    }
+    UNROLL for (int i = 0; i < VALS / 8; ++i)
+      reinterpret_cast<uint4*>(target)[i] = make_uint4(pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3]);
+    return true;
+  } else {
+    return false;
+  }
+}
+#define FAST_DEQUANT(T, BITS, VALS, target, words, scale, bias, valid) \\
+  foundry_fast_dequant<T, BITS, VALS>(target, words, scale, bias, valid)
 """,
     "metal": """
 #define TILE_T float
@@ -108,6 +170,7 @@ inline void foundry_store_values(threadgroup float* target, thread const float* 
   for (int i = 0; i < V; ++i) target[i] = static_cast<float>(static_cast<T>(values[i]));
 }
 #define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
+#define FAST_DEQUANT(T, BITS, VALS, target, words, scale, bias, valid) false
 """,
 }
 
@@ -254,15 +317,18 @@ _SKELETON = """
   // Values are rounded to T as mx.dequantize's are, so the tile multiply sees the reference's weights.
 #define STORE_W(stage_) \\
   if (w_owner) {{ \\
-    words[WORDS] = 0u; \\
-    float values[VALS]; \\
-    UNROLL for (int i = 0; i < VALS; ++i) {{ \\
-      const int bit = i * BITS, shift = bit & 31; \\
-      unsigned int q = words[bit >> 5] >> shift; \\
-      if (shift + BITS > 32) q |= words[(bit >> 5) + 1] << (32 - shift); \\
-      values[i] = w_valid ? w_scale * Q_TO_FLOAT(q & MASK) + w_bias : 0.0f; \\
+    TILE_SPACE TILE_T* w_target = w_tile + (stage_) * BN * LD + w_local * LD + w_part * VALS; \\
+    if (!FAST_DEQUANT(T, BITS, VALS, w_target, words, w_scale, w_bias, w_valid)) {{ \\
+      words[WORDS] = 0u; \\
+      float values[VALS]; \\
+      UNROLL for (int i = 0; i < VALS; ++i) {{ \\
+        const int bit = i * BITS, shift = bit & 31; \\
+        unsigned int q = words[bit >> 5] >> shift; \\
+        if (shift + BITS > 32) q |= words[(bit >> 5) + 1] << (32 - shift); \\
+        values[i] = w_valid ? w_scale * Q_TO_FLOAT(q & MASK) + w_bias : 0.0f; \\
+      }} \\
+      STORE_VALUES(T, VALS, w_target, values); \\
     }} \\
-    STORE_VALUES(T, VALS, w_tile + (stage_) * BN * LD + w_local * LD + w_part * VALS, values); \\
   }}
 {finish}
 

@@ -36,6 +36,7 @@ EDGES = [
     Case(300, 999, 512, bits=8, group=32, name="edge_"),
     Case(100, 1152, 896, bits=4, group=64, dtype="bfloat16", name="edge_"),
     Case(2048, 4608, 3584, bits=5, group=32, dtype="bfloat16", name="edge_"),
+    Case(130, 1152, 896, bits=8, group=64, dtype="bfloat16", name="edge_"),  # bfloat16 8-bit: the float path
     Case(100, 896, 4864, bits=4, group=64, bias=True, residual=True, name="edge_"),
     Case(1000, 1152, 896, bits=5, group=32, bias=True, name="edge_"),
 ]
