@@ -6,7 +6,7 @@
 #     LLAMA_WAIT=300 bash benchmarks/llamacpp_baseline.sh bench > $OUT/h200-llamacpp-<rev>.md
 # build: the kit's build.sh (../shared/device/llamacpp: llama-bench, llama-quantize, the 0.5B-shape
 # GGUFs), then the 7B-shape F16 GGUF (make_synth_7b_gguf.py, ~15 GB) quantized to Q4_K_M and Q4_0, the
-# F16 removed. Its last line in /root/llbase/status is "DONE rc=N".
+# F16 removed (QUANTS_7B="Q4_K_M" for one). Its last line in /root/llbase/status is "DONE rc=N".
 # bench: prompt processing at PROMPTS tokens (default 128,512) and tg128, REPS repetitions (default
 # 10: llama-bench's pp128 spreads widely over 3), rows as llama-bench's markdown.
 set -u
@@ -23,7 +23,7 @@ _build)
   nice -n 19 python3 /root/llkit-src/make_synth_7b_gguf.py /root/llkit-src/tokenizer.json.gz \
     /root/llkit/synth-7b-f16.gguf > $S/synth7b.log 2>&1 \
     || { echo "DONE rc=synth-7b-failed" >> $S/status; exit 1; }
-  for q in Q4_K_M Q4_0; do
+  for q in ${QUANTS_7B:-Q4_K_M Q4_0}; do
     nice -n 19 $B/llama-quantize /root/llkit/synth-7b-f16.gguf /root/llkit/synth-7b-$q.gguf $q > $S/quant7b-$q.log 2>&1 \
       || { echo "DONE rc=quantize-7b-$q-failed" >> $S/status; exit 1; }
   done

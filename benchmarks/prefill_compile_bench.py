@@ -61,9 +61,17 @@ def main() -> None:
         row = []
         for switch in ("0", "1"):
             os.environ[prefilling.SWITCH] = switch
+            # Nodes of the whole prefill in one trace (queued in segments, the graph left at the end
+            # would be the last segment's), then a warm-up as timed: traces, compiles kernels.
+            os.environ[prefilling.SEGMENTS_SWITCH], segmented = "1", os.environ.get(prefilling.SEGMENTS_SWITCH)
             one_call.count_nodes = True
-            _, nodes = one_call(model, ids)  # warm-up: traces, compiles kernels
+            _, nodes = one_call(model, ids)
             one_call.count_nodes = False
+            if segmented is None:
+                del os.environ[prefilling.SEGMENTS_SWITCH]
+            else:
+                os.environ[prefilling.SEGMENTS_SWITCH] = segmented
+            one_call(model, ids)
             seconds = statistics.median(one_call(model, ids)[0] for _ in range(args.trials))
             row.append(f"{'compiled' if switch == '1' else 'eager'} {seconds * 1e3:8.2f} ms "
                        f"({length / seconds:9.1f} tok/s, {nodes} nodes)")

@@ -208,3 +208,42 @@ def test_random_half_b_logits_match_eager_on_gpu(monkeypatch):
         reference = np.array(eager_cache[-1].keys[..., :length, :].astype(mx.float32))
         assert np.abs(keys - reference).max() <= 0.02 * np.abs(reference).max()
         assert compiled_cache[0].offset == length
+
+
+@pytest.mark.parametrize("layers, value, expected", [
+    (28, "", [(0, 2), (2, 6), (6, 14), (14, 28)]),   # the 7B: the GPU waits for 2 layers' graph, not 28
+    (24, "", [(0, 2), (2, 6), (6, 14), (14, 24)]),
+    (24, "2", [(0, 2), (2, 24)]),
+    (24, "1", [(0, 24)]),
+    (7, "", [(0, 2), (2, 6), (6, 7)]),
+    (2, "", [(0, 2)]),                                 # nothing left to overlap with
+    (3, "9", [(0, 2), (2, 3)]),
+])
+def test_segments(monkeypatch, layers, value, expected):
+    monkeypatch.setenv(prefilling.SEGMENTS_SWITCH, value)
+    assert prefilling.segments(layers) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_bad_segment_count_names_the_switch(monkeypatch, value):
+    monkeypatch.setenv(prefilling.SEGMENTS_SWITCH, value)
+    with pytest.raises(FoundryError, match=prefilling.SEGMENTS_SWITCH):
+        prefilling.segments(24)
+
+
+@pytest.mark.parametrize("length", (5, 130))
+def test_segmented_prefill_equals_one_trace(loaded, switch_on, monkeypatch, length):
+    """Traced and queued one layer at a time (the tiny models have two), a prefill gives exactly the
+    single trace's logits, keys and values: the segments compute the same arrays."""
+    model, _ = loaded
+    monkeypatch.setattr(prefilling, "FIRST_SEGMENT", 1)
+    ids = prompt(length, seed=4)
+    results = {}
+    for value in ("1", "2"):
+        monkeypatch.setenv(prefilling.SEGMENTS_SWITCH, value)
+        assert len(prefilling.segments(len(model.layers))) == int(value)
+        cache = model.make_cache()
+        logits = prefilling.prefill(model, ids, cache)
+        results[value] = [np.array(logits)] + [np.array(a[..., :length, :]) for c in cache for a in (c.keys, c.values)]
+    for one, segmented in zip(results["1"], results["2"], strict=True):
+        np.testing.assert_array_equal(segmented, one)

@@ -20,6 +20,12 @@ the shape), and the final norm and LM head run at the true last position only, g
 array (so the true length never enters the shape either). Outside, each layer's keys and values
 go into the caller's cache with one node per array (`KVCache.fill`).
 
+Building a replay's graph costs host time too (~1.5 ms for the 7B's 715 nodes on the H200,
+during which the GPU had nothing queued), so the layers are traced in segments
+(FOUNDRY_PREFILL_SEGMENTS, default 4: the first 2 layers, then 4, 8, the rest): each segment's
+graph is built and queued (`mx.async_eval`) while the GPU runs the one before, and the GPU waits
+only for the first segment's. The segments' outputs are the same arrays the single trace computes.
+
 It applies where the result equals the eager path's: one sequence, a fresh cache (every layer
 at offset 0: a prompt's first chunk; later chunks and prompt-cache hits run eagerly) of plain
 `KVCache`s (Gemma 3's sliding-window rings stay eager), and a model with a `head` (the final
@@ -40,6 +46,9 @@ from ..kernels import qgemm
 from .cache import KVCache
 
 SWITCH = "FOUNDRY_PREFILL_COMPILE"
+SEGMENTS_SWITCH = "FOUNDRY_PREFILL_SEGMENTS"
+DEFAULT_SEGMENTS = 4
+FIRST_SEGMENT = 2  # layers in the first segment (the GPU's wait); each next one twice as many
 BUCKET = 128
 SMALLEST_BUCKET = 16
 
@@ -53,6 +62,22 @@ def enabled() -> bool:
     if value == "":
         return kernels.gpu_backend() == "cuda"
     return value == "1"
+
+
+def segments(layers: int) -> list[tuple[int, int]]:
+    """The (start, stop) layer ranges a prefill is traced and queued in: FOUNDRY_PREFILL_SEGMENTS of
+    them at most (1: one trace of every layer), FIRST_SEGMENT layers first, then twice as many each
+    time, the last segment taking the rest."""
+    value = os.environ.get(SEGMENTS_SWITCH, "").strip()
+    if value and not (value.isdigit() and int(value) >= 1):
+        raise FoundryError(f"{SEGMENTS_SWITCH}={value!r} is not a whole number of segments >= 1; 1 traces the "
+                           f"prefill in one piece, unset it for the default ({DEFAULT_SEGMENTS}).")
+    most = int(value) if value else DEFAULT_SEGMENTS
+    bounds, start, size = [], 0, FIRST_SEGMENT
+    while len(bounds) + 1 < most and start + size < layers:
+        bounds.append((start, start + size))
+        start, size = start + size, size * 2
+    return bounds + [(start, layers)]
 
 
 def bucket(length: int) -> int:
@@ -81,35 +106,54 @@ class _TraceCache:
 
 
 class CompiledPrefill:
-    """A model's compiled prefill: one `mx.compile` per kernel backend and quantized-GEMM switches
-    (both decide routes while tracing), and within it one trace per bucket."""
+    """A model's compiled prefill: one `mx.compile` per kernel backend, quantized-GEMM switches
+    (both decide routes while tracing) and layer segment, and within it one trace per bucket."""
 
     def __init__(self, model) -> None:
         self.model = model
         self.traces = 0  # how many times the forward pass was traced (tests count them)
         self.failed = False
-        self._compiled: dict[tuple[str, str], object] = {}
+        self._compiled: dict[tuple, object] = {}
         # Weights still lazy (random models) would otherwise be recomputed inside every replay.
         mx.eval(model.parameters())
 
-    def _forward(self, ids: mx.array, last: mx.array):
-        self.traces += 1  # runs only while tracing
-        caches = [_TraceCache() for _ in self.model.layers]
-        h = self.model.hidden(ids, caches)
-        logits = self.model.head(mx.take(h, last, axis=1))
-        return logits.reshape(1, -1), [c.keys for c in caches], [c.values for c in caches]
+    def _segment(self, start: int, stop: int):
+        """The traced function of layers [start, stop): token ids (first segment) or the hidden
+        states in, and `last` (the true last position); the hidden states out (the final norm and
+        LM head's logits at `last` for the last segment), with the segment's keys and values."""
+        final = stop == len(self.model.layers)
+
+        def forward(inputs: mx.array, last: mx.array):
+            if start == 0:
+                self.traces += 1  # runs only while tracing
+            caches = [_TraceCache() for _ in range(start, stop)]
+            if start == 0 and final:
+                h = self.model.hidden(inputs, caches)
+            else:
+                h = self.model.run_layers(self.model.embed(inputs) if start == 0 else inputs, caches, start)
+            if final:
+                h = self.model.head(mx.take(h, last, axis=1)).reshape(1, -1)
+            return h, [c.keys for c in caches], [c.values for c in caches]
+
+        return forward
 
     def __call__(self, ids: Sequence[int], cache: list[KVCache]) -> mx.array:
         length = len(ids)
-        padded = mx.array(list(ids) + [0] * (bucket(length) - length))[None]
-        key = (kernels.backend_name(), *qgemm.trace_switches())
-        forward = self._compiled.get(key)
-        if forward is None:
-            forward = self._compiled[key] = mx.compile(self._forward)
-        logits, keys, values = forward(padded, mx.array([length - 1]))
-        for layer_cache, layer_keys, layer_values in zip(cache, keys, values):
-            layer_cache.fill(layer_keys, layer_values, length)
-        return logits
+        h = mx.array(list(ids) + [0] * (bucket(length) - length))[None]
+        last = mx.array([length - 1])
+        # A model without `run_layers` (its layers are not a plain chain) is traced in one piece.
+        bounds = segments(len(cache)) if callable(getattr(self.model, "run_layers", None)) else [(0, len(cache))]
+        for start, stop in bounds:
+            key = (kernels.backend_name(), *qgemm.trace_switches(), start, stop)
+            forward = self._compiled.get(key)
+            if forward is None:
+                forward = self._compiled[key] = mx.compile(self._segment(start, stop))
+            h, keys, values = forward(h, last)
+            for layer_cache, layer_keys, layer_values in zip(cache[start:stop], keys, values):
+                layer_cache.fill(layer_keys, layer_values, length)
+            if stop < len(cache):  # queue it: the GPU runs it while the next segment's graph is built
+                mx.async_eval(h, [c.keys for c in cache[start:stop]], [c.values for c in cache[start:stop]])
+        return h
 
 
 def applies(model, cache: list, length: int) -> bool:

@@ -93,9 +93,17 @@ class Model(nn.Module):
 
     def hidden(self, inputs: mx.array, cache: list[KVCache]) -> mx.array:
         """The last layer's output (B, L, hidden) for token ids (B, L), before the final norm."""
-        h = self.embed_tokens(inputs)
-        mask = cache[0].attention_mask(inputs.shape[1])
-        for layer, layer_cache in zip(self.layers, cache):
+        return self.run_layers(self.embed(inputs), cache)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """Token ids (B, L) → the first layer's input (B, L, hidden)."""
+        return self.embed_tokens(inputs)
+
+    def run_layers(self, h: mx.array, cache: list[KVCache], start: int = 0) -> mx.array:
+        """h through layers start, start + 1, … (one per cache given): `hidden` in pieces, for a
+        prefill traced and queued in segments (engine/prefill.py)."""
+        mask = cache[0].attention_mask(h.shape[1])
+        for layer, layer_cache in zip(self.layers[start:], cache):
             h = layer(h, mask, layer_cache)
         return h
 
