@@ -222,6 +222,24 @@ def test_random_half_b_logits_match_eager_on_gpu(monkeypatch):
 def test_segments(monkeypatch, layers, value, expected):
     monkeypatch.setenv(prefilling.SEGMENTS_SWITCH, value)
     assert prefilling.segments(layers) == expected
+    assert prefilling.segments(layers, 1) == (expected if value else [(0, layers)])
+
+
+@pytest.mark.parametrize("shape, padded, expected", [
+    ("qwen2.5-7b", 128, 4),     # measured: 4 segments 15.5 ms, one trace 17.4 (GPU-bound)
+    ("qwen2.5-0.5b", 128, 1),   # measured: one trace faster (host-bound)
+    ("qwen2.5-7b", 16, 1),      # 7.5 GFLOP a layer: weight streaming, little to hide behind
+    ("qwen2.5-0.5b", 2048, 4),
+])
+def test_default_segments_follow_a_layers_arithmetic(shape, padded, expected):
+    from types import SimpleNamespace
+
+    from foundry_mlx.random_model import SHAPES
+
+    sizes = SHAPES[shape]
+    config = SimpleNamespace(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
+    assert prefilling.default_segments(config, padded) == expected
+    assert prefilling.default_segments(None, padded) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
