@@ -209,8 +209,10 @@ def compile_qgemm(args, scratch: Path) -> bool:
                     + ([("SPLIT_K", 4)] if split else []))
         label = (f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
                  + (f" ahead={ahead}" if ahead > 1 else "") + (" split=4" if split else ""))
+        outputs = ([("y", dtype), ("partials", "float32")] if "partials" in source.output_names
+                   else [("y", "float32" if split else dtype)])
         return _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}_{ahead}", source, types,
-                        [("y", "float32" if split else dtype)], template)
+                        outputs, template)
 
     variants = ((False, False, False), (True, True, False), (False, False, True))  # bias, residual, split
     for dtype in ("float16", "bfloat16"):
@@ -226,6 +228,9 @@ def compile_qgemm(args, scratch: Path) -> bool:
         for ahead, split in ((2, False), (3, False), (2, True)):
             failed |= gemm(qgemm_ring.kernel_source("cuda", not split, not split, split), dtype, 4, 64,
                            qgemm.CUDA_TILES["128x128"], split, ahead)
+        for tile_name, ahead in (("128x128", 1), ("64x128", 1), ("128x128", 2)):  # split-K summed in the launch
+            source = (qgemm_ring if ahead > 1 else qgemm_source).kernel_source("cuda", True, True, True, arrive=True)
+            failed |= gemm(source, dtype, 4, 64, qgemm.CUDA_TILES[tile_name], True, ahead)
         for bias, residual in ((False, False), (True, True)):  # split-K's sum of the partials
             source = qgemm_source.reduce_source(bias, residual)
             types = {"partials": "float32", "bias": dtype, "residual": dtype}

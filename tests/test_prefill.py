@@ -128,23 +128,25 @@ def test_one_trace_per_bucket(loaded, switch_on):
 
 
 def test_each_gemm_switch_setting_traces_anew(loaded, switch_on, monkeypatch):
-    """FOUNDRY_QGEMM and FOUNDRY_QGEMM_AHEAD decide routes while tracing (qgemm.trace_switches), so a
-    new setting of either gets its own trace of a bucket, and going back replays the first."""
+    """FOUNDRY_QGEMM, FOUNDRY_QGEMM_AHEAD and FOUNDRY_QGEMM_ARRIVE decide routes while tracing
+    (qgemm.trace_switches), so a new setting of any gets its own trace of a bucket, and going back
+    replays the first."""
     model, _ = loaded
     compiled = prefilling.compiled_prefill_for(model)
     ids = prompt(2 * 128 + 3)
-    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
-    monkeypatch.delenv("FOUNDRY_QGEMM_AHEAD", raising=False)
+    names = ("FOUNDRY_QGEMM_AHEAD", "FOUNDRY_QGEMM_ARRIVE", "FOUNDRY_QGEMM")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     mx.eval(prefilling.prefill(model, ids, model.make_cache()))
     before = compiled.traces
-    for name, value in (("FOUNDRY_QGEMM_AHEAD", "2"), ("FOUNDRY_QGEMM", "0")):
+    for name, value in zip(names, ("2", "1", "0")):
         monkeypatch.setenv(name, value)
         mx.eval(prefilling.prefill(model, ids, model.make_cache()))
-    assert compiled.traces == before + 2
-    monkeypatch.delenv("FOUNDRY_QGEMM", raising=False)
-    monkeypatch.delenv("FOUNDRY_QGEMM_AHEAD", raising=False)
+    assert compiled.traces == before + 3
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     mx.eval(prefilling.prefill(model, ids, model.make_cache()))
-    assert compiled.traces == before + 2
+    assert compiled.traces == before + 3
 
 
 def test_a_cache_that_is_not_fresh_runs_eagerly(loaded, switch_on, monkeypatch):

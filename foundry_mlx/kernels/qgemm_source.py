@@ -237,11 +237,12 @@ _STORE = {
 }
 
 
-def _finish(bias: bool, residual: bool, split: bool = False) -> str:
+def _finish(bias: bool, residual: bool, split: bool = False, partials: str = "y", name: str = "FINISH") -> str:
     """The epilogue of one output element, rounded to T where the reference path rounds; with
-    split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of y."""
+    split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of
+    `partials`."""
     if split:
-        lines = ["y[((long)split * m_rows + r_) * N + c_] = v_;"]
+        lines = [f"{partials}[((long)split * m_rows + r_) * N + c_] = v_;"]
     else:
         lines = ["T value = static_cast<T>(v_);"]
         if bias:
@@ -251,7 +252,42 @@ def _finish(bias: bool, residual: bool, split: bool = False) -> str:
                          "+ static_cast<float>(value));")
         lines.append("y[(long)r_ * N + c_] = value;")
     body = " ".join(lines)
-    return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
+    return f"#define {name}(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
+
+
+# Split-K finished inside the GEMM's own launch (CUDA, FOUNDRY_QGEMM_ARRIVE=1): each threadgroup
+# stores its fp32 partial tile, then counts its arrival at its output tile; the last of the
+# SPLIT_K to arrive sums the partials in K order (as reduce_source does: the same bits) and writes
+# y with the epilogue. One graph node per split product where the reduce launch made two: a short
+# prefill of a small model is bound by host time per node. The counters are a __device__ array of
+# the kernel's module, zero at load and set back to zero by each tile's last threadgroup; launches of
+# one kernel on MLX's one stream never overlap, so no two launches share a counter at once.
+ARRIVALS = 1024  # output tiles one launch may count (qgemm.py falls back to the reduce launch above)
+_ARRIVALS_HEADER = f"""
+__device__ unsigned int foundry_qgemm_arrivals[{ARRIVALS}];
+"""
+_ARRIVE = """
+  __threadfence();                                         // this threadgroup's partials, device-wide
+  BARRIER();
+  __shared__ unsigned int foundry_last;
+  const int arrival_tile = (int)group_id % mn_tiles;
+  if (thread_id == 0)
+    foundry_last = atomicAdd(&foundry_qgemm_arrivals[arrival_tile], 1u) == (unsigned int)(SPLIT_K - 1);
+  BARRIER();
+  if (foundry_last) {
+    __threadfence();
+    for (int i = (int)thread_id; i < BM * BN; i += THREADS) {
+      const int r = row0 + i / BN, c = col0 + i % BN;
+      if (r < m_rows && c < N) {
+        float v = 0.0f;
+        for (int s = 0; s < SPLIT_K; ++s) v += __ldcg(partials + ((long)s * m_rows + r) * N + c);
+        FINISH_Y(r, c, v);
+      }
+    }
+    if (thread_id == 0) foundry_qgemm_arrivals[arrival_tile] = 0u;
+  }
+#undef FINISH_Y
+"""
 
 
 _SKELETON = """
@@ -390,24 +426,40 @@ def reduce_source(bias: bool = False, residual: bool = False) -> KernelSource:
     return KernelSource(name, ("partials",) + epilogue, ("y",), _REDUCE.format(finish=_finish(bias, residual)))
 
 
-def kernel_name(bias: bool, residual: bool, split: bool = False) -> str:
-    if split:
+def kernel_name(bias: bool, residual: bool, split: bool = False, arrive: bool = False) -> str:
+    if split and not arrive:
         return "foundry_qgemm_split"
-    return "foundry_qgemm" + ("_bias" if bias else "") + ("_residual" if residual else "")
+    return ("foundry_qgemm" + ("_arrive" if arrive else "") + ("_bias" if bias else "")
+            + ("_residual" if residual else ""))
 
 
-def input_names(bias: bool, residual: bool, split: bool = False) -> tuple[str, ...]:
-    epilogue = () if split else (("bias",) if bias else ()) + (("residual",) if residual else ())
+def input_names(bias: bool, residual: bool, split: bool = False, arrive: bool = False) -> tuple[str, ...]:
+    epilogue = () if split and not arrive else (("bias",) if bias else ()) + (("residual",) if residual else ())
     return ("x", "w", "scales", "biases") + epilogue
 
 
-def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False) -> KernelSource:
+def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False,
+                  arrive: bool = False) -> KernelSource:
     """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N, and SPLIT_K for the
     split variant; M (x's leading axes), N and K from the shapes). `split`: y is (SPLIT_K, M, N) fp32
-    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual)."""
+    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual). `arrive`
+    (CUDA, with split): outputs y (the product, epilogue included) and partials (SPLIT_K, M, N): the
+    tile's last threadgroup sums them in the same launch (_ARRIVE)."""
+    if arrive and not (split and backend == "cuda"):
+        raise ValueError("the in-launch split-K sum is CUDA's, for split launches")
+    finish = _finish(bias, residual, split, partials="partials" if arrive else "y")
     body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
-                            store=_STORE[backend], finish=_finish(bias, residual, split))
+                            store=_STORE[backend], finish=finish)
+    header = _HEADER[backend]
+    if arrive:
+        marker = "#undef FINISH\n"
+        body = (body.replace(marker, marker + _finish(bias, residual, name="FINISH_Y") + "\n" + _ARRIVE, 1)
+                if body.count(marker) == 1 else None)
+        if body is None:
+            raise AssertionError("qgemm_source: the skeleton's end moved; _ARRIVE needs placing anew")
+        header += _ARRIVALS_HEADER
     if not split:
         body = "  constexpr int SPLIT_K = 1;\n" + body
-    return KernelSource(kernel_name(bias, residual, split), input_names(bias, residual, split), ("y",), body,
-                        _HEADER[backend], launch_bounds=LAUNCH_BOUNDS)
+    outputs = ("y", "partials") if arrive else ("y",)
+    return KernelSource(kernel_name(bias, residual, split, arrive), input_names(bias, residual, split, arrive),
+                        outputs, body, header, launch_bounds=LAUNCH_BOUNDS)

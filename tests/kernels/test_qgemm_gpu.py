@@ -106,6 +106,25 @@ def test_every_split(backend, split):
     compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
 
 
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_split_summed_in_the_launch_equals_the_reduce_launch(monkeypatch, backend, split):
+    """FOUNDRY_QGEMM_ARRIVE=1 (CUDA): the tile's last threadgroup sums the partials in the GEMM's own
+    launch, bit for bit what the reduce launch gives, at each split and with the epilogue; run twice,
+    so the second launch finds its arrival counters set back to zero."""
+    if backend != "cuda":
+        pytest.skip("the in-launch split-K sum is CUDA's")
+    case = Case(77, 1000, 1024, bits=5, group=32, bias=True, residual=True, name=f"arrive{split}_")
+    inputs = make_inputs(case)
+    monkeypatch.delenv(qgemm.ARRIVE, raising=False)
+    reduced = np.array(qgemm.run(backend, **inputs, split=split).astype(mx.float32))
+    monkeypatch.setenv(qgemm.ARRIVE, "1")
+    for _ in range(2):
+        ours = qgemm.run(backend, **inputs, split=split)
+        assert ours.dtype == getattr(mx, case.dtype)
+        np.testing.assert_array_equal(np.array(ours.astype(mx.float32)), reduced)
+    compare(case, np.array(ours.astype(mx.float32)), oracle(inputs))
+
+
 RING_CASES = [Case(128, n, k, name=f"ring_{name}_") for name, n, k in SHAPES if name.startswith("7b") and "lm" not in name]
 RING_CASES += [EDGES[2], EDGES[3], EDGES[8], Case(77, 1000, 1024, bits=8, group=32, bias=True, residual=True, name="ring_")]
 

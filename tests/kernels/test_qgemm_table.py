@@ -191,3 +191,47 @@ def test_split_launch_takes_no_epilogue():
         qgemm.launch("cuda", inputs["x"], inputs["weight"], split=16)  # 8 K tiles
     launch = qgemm.launch("cuda", inputs["x"], inputs["weight"], split=2)
     assert launch.arguments()["output_shapes"] == [(2, 16, 64)] and launch.arguments()["output_dtypes"] == [mx.float32]
+
+
+def test_arrive_launch_takes_the_epilogue_and_a_partials_workspace():
+    """FOUNDRY_QGEMM_ARRIVE's launch: the product (epilogue included) first, the fp32 partials second;
+    more output tiles than the arrival counters is refused (qgemm.run then sums by a second launch)."""
+    inputs = make_inputs(Case(16, 64, 256, bias=True, residual=True))
+    launch = qgemm.launch("cuda", inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"], split=2,
+                          arrive=True)
+    arguments = launch.arguments()
+    assert arguments["output_shapes"] == [(16, 64), (2, 16, 64)]
+    assert arguments["output_dtypes"] == [inputs["x"].dtype, mx.float32]
+    assert len(arguments["inputs"]) == 6 and ("SPLIT_K", 2) in arguments["template"]
+    wide = make_inputs(Case(16, 128 * (qgemm_source.ARRIVALS + 1), 256))
+    with pytest.raises(ValueError, match="output tiles"):
+        qgemm.launch("cuda", wide["x"], wide["weight"], split=2, arrive=True)
+
+
+@pytest.mark.parametrize("value, backend, expected", [("", "cuda", False), ("0", "cuda", False), ("1", "cuda", True),
+                                                      ("1", "metal", False)])
+def test_arrive_switch(monkeypatch, value, backend, expected):
+    monkeypatch.setenv(qgemm.ARRIVE, value)
+    assert qgemm.arrive(backend) is expected
+
+
+def test_arrive_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(qgemm.ARRIVE, "yes")
+    with pytest.raises(FoundryError, match=qgemm.ARRIVE):
+        qgemm.arrive("cuda")
+
+
+def test_arrive_source_counts_then_sums_in_k_order():
+    """The in-launch sum is the reduce launch's loop (same order, same rounding) behind the arrival
+    count, with the counters reset for the next launch; only CUDA's split launches have it."""
+    source = qgemm_source.kernel_source("cuda", True, True, split=True, arrive=True)
+    assert source.output_names == ("y", "partials") and source.input_names[-2:] == ("bias", "residual")
+    body = source.body
+    partial_store = body.index("partials[((long)split * m_rows + r_) * N + c_] = v_;")
+    count = body.index("atomicAdd(&foundry_qgemm_arrivals[arrival_tile], 1u)")
+    assert partial_store < body.index("__threadfence()") < count < body.index("for (int s = 0; s < SPLIT_K; ++s)")
+    assert "foundry_qgemm_arrivals[arrival_tile] = 0u" in body
+    assert f"foundry_qgemm_arrivals[{qgemm_source.ARRIVALS}]" in source.header
+    for backend, split in (("metal", True), ("cuda", False)):
+        with pytest.raises(ValueError, match="in-launch"):
+            qgemm_source.kernel_source(backend, split=split, arrive=True)
