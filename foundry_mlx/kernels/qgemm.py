@@ -54,7 +54,7 @@ def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
         return METAL_TILE
     if m <= 32:
         return CUDA_TILES["16x128" if m <= 16 else "32x128"]
-    if -(-m // 128) * -(-n // 128) >= 16:
+    if groups(m, n, CUDA_TILES["128x128"]) >= 16:
         return CUDA_TILES["128x128"]
     return CUDA_TILES["64x128"]
 
@@ -70,6 +70,11 @@ MAX_SPLIT = 8
 MIN_SPLIT_TILES = 8  # K tiles (of 32) each split keeps at least
 
 
+def groups(m: int, n: int, tile_shape: tuple[int, int, int, int]) -> int:
+    """Threadgroups (output tiles) of an M x N product in this tile, before any split."""
+    return -(-m // tile_shape[0]) * -(-n // tile_shape[1])
+
+
 def slots(tile_shape: tuple[int, int, int, int]) -> int:
     """Threadgroups of this tile the GPU runs at once (one wave)."""
     threads = tile_shape[2] * tile_shape[3] * 32
@@ -81,10 +86,9 @@ def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, in
     still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
     if backend != "cuda":
         return 1
-    groups = -(-m // tile_shape[0]) * -(-n // tile_shape[1])
-    places, k_tiles = slots(tile_shape), k // qgemm_source.BK
+    tiles, places, k_tiles = groups(m, n, tile_shape), slots(tile_shape), k // qgemm_source.BK
     split = 1
-    while (groups * 2 * split <= places and 2 * split <= MAX_SPLIT and k_tiles % (2 * split) == 0
+    while (tiles * 2 * split <= places and 2 * split <= MAX_SPLIT and k_tiles % (2 * split) == 0
            and k_tiles // (2 * split) >= MIN_SPLIT_TILES):
         split *= 2
     return split
@@ -127,17 +131,17 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
     if ahead > 1:
         template.append(("AHEAD", ahead))
     threads = warps_m * warps_n * 32
-    groups = -(-m // block_m) * -(-n // block_n)
+    tiles = groups(m, n, (block_m, block_n, warps_m, warps_n))
     if split > 1:
         template.append(("SPLIT_K", split))
         if arrive:
-            if groups > qgemm_source.ARRIVALS:
-                raise ValueError(f"{groups} output tiles: the in-launch sum counts at most {qgemm_source.ARRIVALS}")
-            return Launch(inputs, template, (groups * split * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n),
+            if tiles > qgemm_source.ARRIVALS:
+                raise ValueError(f"{tiles} output tiles: the in-launch sum counts at most {qgemm_source.ARRIVALS}")
+            return Launch(inputs, template, (tiles * split * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n),
                           x.dtype, (((split, m, n), mx.float32),))
-        return Launch(inputs, template, (groups * split * threads, 1, 1), (threads, 1, 1), (split, m, n),
+        return Launch(inputs, template, (tiles * split * threads, 1, 1), (threads, 1, 1), (split, m, n),
                       mx.float32)
-    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n), x.dtype)
+    return Launch(inputs, template, (tiles * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n), x.dtype)
 
 
 def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
@@ -203,7 +207,7 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     if split == 1:
         arguments = launch(backend, x, weight, bias, residual, tile_shape, ahead=ahead).arguments()
         return _kernel(backend, bias is not None, residual is not None, False, shared)(**arguments)[0]
-    if arrive(backend) and -(-m // tile_shape[0]) * -(-n // tile_shape[1]) <= qgemm_source.ARRIVALS:
+    if arrive(backend) and groups(m, n, tile_shape) <= qgemm_source.ARRIVALS:
         arguments = launch(backend, x, weight, bias, residual, tile_shape, split, ahead, arrive=True).arguments()
         return _kernel(backend, bias is not None, residual is not None, True, shared, arrive=True)(**arguments)[0]
     arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
@@ -224,7 +228,6 @@ def reduce_launch(partials: mx.array, shape: tuple[int, ...], dtype, bias: mx.ar
     threads = -(-m * n // REDUCE_THREADS) * REDUCE_THREADS
     return Launch(inputs, [("T", dtype), ("THREADS", REDUCE_THREADS)], (threads, 1, 1), (REDUCE_THREADS, 1, 1),
                   shape, dtype)
-
 
 
 def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:

@@ -79,28 +79,27 @@ __device__ __forceinline__ void foundry_store_values(T* target, const float* val
 // BASE and one packed fused multiply-add: T(scale * q + bias), rounded once. About 2 instructions
 // a value where the float path (shift, mask, convert, FMA, pack) takes ~5; Nsight Compute put the
 // 7B gate/up's warps at 35% issue utilisation, mostly waiting on fixed-latency dependencies.
+// The pair type and BASE's bits per T (FOUR / EIGHT: whether 4- and 8-bit q stay exact at BASE + q).
 template <typename T> struct foundry_pairs { static constexpr bool FOUR = false, EIGHT = false; };
 template <> struct foundry_pairs<__half> {
+  using T2 = __half2;
   static constexpr bool FOUR = true, EIGHT = true;        // q + 1024 is exact for q < 1024
   static constexpr unsigned int BASE = 0x64006400u;       // half2(1024, 1024)
-  static __device__ __forceinline__ unsigned int affine(unsigned int q, unsigned int s, unsigned int b) {
-    const unsigned int base = BASE;
-    const __half2 v = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&q), *reinterpret_cast<const __half2*>(&base)),
-                              *reinterpret_cast<const __half2*>(&s), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const unsigned int*>(&v);
-  }
 };
 template <> struct foundry_pairs<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
   static constexpr bool FOUR = true, EIGHT = false;       // q + 128 is exact for q < 128 only
   static constexpr unsigned int BASE = 0x43004300u;       // bfloat162(128, 128)
-  static __device__ __forceinline__ unsigned int affine(unsigned int q, unsigned int s, unsigned int b) {
-    const unsigned int base = BASE;
-    const __nv_bfloat162 v = __hfma2(
-        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&q), *reinterpret_cast<const __nv_bfloat162*>(&base)),
-        *reinterpret_cast<const __nv_bfloat162*>(&s), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const unsigned int*>(&v);
-  }
 };
+// (BASE + q0, BASE + q1) as a T pair → scale * q + bias for both, rounded once.
+template <typename T>
+__device__ __forceinline__ unsigned int foundry_affine(unsigned int q, unsigned int s, unsigned int b) {
+  using T2 = typename foundry_pairs<T>::T2;
+  const unsigned int base = foundry_pairs<T>::BASE;
+  const T2 v = __hfma2(__hsub2(*reinterpret_cast<const T2*>(&q), *reinterpret_cast<const T2*>(&base)),
+                       *reinterpret_cast<const T2*>(&s), *reinterpret_cast<const T2*>(&b));
+  return *reinterpret_cast<const unsigned int*>(&v);
+}
 // VALS values of one weight row (its packed words) → target, if T and BITS have the fast path;
 // false otherwise (the skeleton's float path runs instead).
 template <typename T, int BITS, int VALS>
@@ -117,13 +116,13 @@ __device__ __forceinline__ bool foundry_fast_dequant(T* target, const unsigned i
         const unsigned int odd = (words[i] >> 4) & 0x0F0F0F0Fu;  // bytes q1 q3 q5 q7
         // pair j: bytes (q2j, q2j, q2j+1, q2j+1), the odd copies masked off, BASE's exponent OR-ed in
         UNROLL for (int j = 0; j < 4; ++j)
-          pairs[4 * i + j] = P::affine((__byte_perm(even, odd, j * 0x1111 + 0x4400) & 0x00FF00FFu) | P::BASE, s, b);
+          pairs[4 * i + j] = foundry_affine<T>((__byte_perm(even, odd, j * 0x1111 + 0x4400) & 0x00FF00FFu) | P::BASE, s, b);
       }
     } else {
       // bytes (q0, BASE's high byte, q1, BASE's high byte): selectors 0 5 1 7 and 2 5 3 7
       UNROLL for (int i = 0; i < VALS / 4; ++i) {
-        pairs[2 * i] = P::affine(__byte_perm(words[i], P::BASE, 0x7150), s, b);
-        pairs[2 * i + 1] = P::affine(__byte_perm(words[i], P::BASE, 0x7352), s, b);
+        pairs[2 * i] = foundry_affine<T>(__byte_perm(words[i], P::BASE, 0x7150), s, b);
+        pairs[2 * i + 1] = foundry_affine<T>(__byte_perm(words[i], P::BASE, 0x7352), s, b);
       }
     }
     UNROLL for (int i = 0; i < VALS / 8; ++i)

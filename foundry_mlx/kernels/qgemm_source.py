@@ -17,7 +17,7 @@ operands and a half accumulator would lose the fp32 accumulation the CUDA rendit
 from __future__ import annotations
 
 from .qgemm_primitives import HEADER as _HEADER
-from .source import KernelSource
+from .source import KernelSource, rewritten
 
 BK = 32  # K per tile: one 32-value chunk of a weight row = BITS whole uint32 words
 # CUDA: at most 256 threads (the 128x128 tile's 8 warps), two blocks per SM: registers capped at 128
@@ -304,10 +304,8 @@ def kernel_source(backend: str, bias: bool = False, residual: bool = False, spli
     header = _HEADER[backend]
     if arrive:
         marker = "#undef FINISH\n"
-        body = (body.replace(marker, marker + _finish(bias, residual, name="FINISH_Y") + "\n" + _ARRIVE, 1)
-                if body.count(marker) == 1 else None)
-        if body is None:
-            raise AssertionError("qgemm_source: the skeleton's end moved; _ARRIVE needs placing anew")
+        body = rewritten(body, ((marker, marker + _finish(bias, residual, name="FINISH_Y") + "\n" + _ARRIVE),),
+                         once=True)
         header += _ARRIVALS_HEADER
     if not split:
         body = "  constexpr int SPLIT_K = 1;\n" + body
