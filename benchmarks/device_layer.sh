@@ -43,15 +43,8 @@ if [ -n "$STARTUP" ]; then
   timeout ${STARTUP_TIMEOUT:-300} python3 benchmarks/startup_bench.py /tmp/random-qwen2.5-0.5b-4bit \
     --out $R/h200-startup-${REVISION:-unknown} 2>&1 | tail -12 | tee $R/h200-startup-${REVISION:-unknown}.txt
 fi
-# LLAMA=1: llama.cpp's llama-bench on the same-shape 0.5B GGUFs, if .device/llcpp/build.sh has finished on this machine.
+# LLAMA=1: llama.cpp's llama-bench on the same-shape GGUFs built on this machine (.device/llcpp/build.sh,
+# or benchmarks/llamacpp_baseline.sh build), by benchmarks/llamacpp_baseline.sh bench.
 if [ -n "$LLAMA" ]; then
-  B=/root/ll/llama.cpp/build/bin
-  if tail -1 /root/llkit/build.log 2>/dev/null | grep -q "BUILD rc=0"; then
-    { $B/llama-bench -m /root/llkit/synth-0.5b-Q4_K_M.gguf -p 128,512 -n 128 -ngl 99 -r 3 -o md
-      $B/llama-bench -m /root/llkit/synth-0.5b-Q4_0.gguf -p 128 -n 128 -ngl 99 -r 3 -o md
-      $B/llama-bench -m /root/llkit/synth-0.5b-Q4_0.gguf -d 2048 -n 128 -p 0 -ngl 99 -r 3 -o md; } 2>&1 \
-      | grep "^|" | tee $R/h200-llamacpp-${REVISION:-unknown}.md
-  else
-    echo "llama.cpp build not finished: $(tail -1 /root/llkit/build.log 2>/dev/null)"
-  fi
+  PROMPTS=128,512 REPS=3 DEPTH=2048 bash benchmarks/llamacpp_baseline.sh bench | tee $R/h200-llamacpp-${REVISION:-unknown}.md
 fi

@@ -8,7 +8,8 @@
 # GGUFs), then the 7B-shape F16 GGUF (make_synth_7b_gguf.py, ~15 GB) quantized to Q4_K_M and Q4_0, the
 # F16 removed (QUANTS_7B="Q4_K_M" for one). Its last line in /root/llbase/status is "DONE rc=N".
 # bench: prompt processing at PROMPTS tokens (default 128,512) and tg128, REPS repetitions (default
-# 10: llama-bench's pp128 spreads widely over 3), rows as llama-bench's markdown.
+# 10: llama-bench's pp128 spreads widely over 3), and with DEPTH=N tg128 after N tokens too, for
+# every GGUF built (the kit's build.sh alone makes the 0.5B ones); rows as llama-bench's markdown.
 set -u
 B=/root/ll/llama.cpp/build/bin
 S=/root/llbase; mkdir -p $S
@@ -32,11 +33,19 @@ _build)
   ;;
 bench)
   for _ in $(seq 1 "${LLAMA_WAIT:-0}"); do tail -1 $S/status 2>/dev/null | grep -q "DONE" && break; sleep 1; done
-  echo "<!-- build: $(tr '\n' ' ' < $S/status 2>/dev/null) -->"
-  for m in synth-0.5b-Q4_0 synth-0.5b-Q4_K_M synth-7b-Q4_K_M synth-7b-Q4_0; do
+  echo "<!-- build: $(cat $S/status 2>/dev/null | tr '\n' ' ') -->"
+  if ! tail -1 /root/llkit/build.log 2>/dev/null | grep -q "BUILD rc=0"; then
+    echo "<!-- llama.cpp build not finished: $(tail -1 /root/llkit/build.log 2>/dev/null) -->"
+    exit 0
+  fi
+  models="synth-0.5b-Q4_0 synth-0.5b-Q4_K_M"  # the 7B ones only once written whole
+  tail -1 $S/status 2>/dev/null | grep -q "DONE rc=0" && models="$models synth-7b-Q4_K_M synth-7b-Q4_0"
+  for m in $models; do
     [ -f /root/llkit/$m.gguf ] || { echo "<!-- $m.gguf not built -->"; continue; }
     echo "<!-- $m -->"
     $B/llama-bench -m /root/llkit/$m.gguf -p "${PROMPTS:-128,512}" -n 128 -ngl 99 -r "${REPS:-10}" -o md 2>&1 | grep "^|"
+    [ -z "${DEPTH:-}" ] || $B/llama-bench -m /root/llkit/$m.gguf -d "$DEPTH" -p 0 -n 128 -ngl 99 -r "${REPS:-10}" -o md 2>&1 \
+      | grep "^|"
   done
   ;;
 *)
