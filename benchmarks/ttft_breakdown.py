@@ -15,6 +15,8 @@ times it.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -36,7 +38,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--clear-cache", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile the sampler's set-up (top 15 by cumulative time)")
     args = parser.parse_args()
+    profiler = cProfile.Profile() if args.profile else None
     model, tokenizer = fm.load(args.path, progress=False)
     ids = [(37 * i + 11) % 1000 for i in range(args.length)]
     times: dict[str, list[float]] = {}
@@ -66,7 +70,11 @@ def main() -> None:
         mx.eval(outputs)
         marks.append(time.perf_counter())
         sampling = SamplingParams()
+        if profiler and trial:
+            profiler.enable()
         runner = generate._runner(model, session, sampling, Sampler(sampling), ids, logits)
+        if profiler:
+            profiler.disable()
         marks.append(time.perf_counter())
         runner.first.item()
         marks.append(time.perf_counter())
@@ -88,6 +96,8 @@ def main() -> None:
     print(f"{args.path}, {args.length} tokens, mlx {mx.__version__}, clear cache: {args.clear_cache}")
     for label, values in times.items():
         print(f"{label:40s} {statistics.median(values):8.3f} ms  (min {min(values):.3f})")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(15)
 
 
 if __name__ == "__main__":
