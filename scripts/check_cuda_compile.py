@@ -34,6 +34,7 @@ from foundry_mlx.kernels import (  # noqa: E402
     qgemv,
     qgemv_batch,
     qgemv_launch,
+    qkv_heads,
     sample,
     sdpa,
     sdpa_split,
@@ -209,8 +210,7 @@ def compile_qgemm(args, scratch: Path) -> bool:
                     + ([("SPLIT_K", 4)] if split else []))
         label = (f"{source.name} {dtype} bits={bits} group={group} tile={tile[0]}x{tile[1]}"
                  + (f" ahead={ahead}" if ahead > 1 else "") + (" split=4" if split else ""))
-        outputs = ([("y", dtype), ("partials", "float32")] if "partials" in source.output_names
-                   else [("y", "float32" if split else dtype)])
+        outputs = [("y", "float32" if split else dtype)]
         return _compile(args, scratch, label, f"{source.name}_{dtype}_{bits}_{tile[0]}_{ahead}", source, types,
                         outputs, template)
 
@@ -228,14 +228,15 @@ def compile_qgemm(args, scratch: Path) -> bool:
         for ahead, split in ((2, False), (3, False), (2, True)):
             failed |= gemm(qgemm_ring.kernel_source("cuda", not split, not split, split), dtype, 4, 64,
                            qgemm.CUDA_TILES["128x128"], split, ahead)
-        for tile_name, ahead in (("128x128", 1), ("64x128", 1), ("128x128", 2)):  # split-K summed in the launch
-            source = (qgemm_ring if ahead > 1 else qgemm_source).kernel_source("cuda", True, True, True, arrive=True)
-            failed |= gemm(source, dtype, 4, 64, qgemm.CUDA_TILES[tile_name], True, ahead)
-        for bias, residual in ((False, False), (True, True)):  # split-K's sum of the partials
-            source = qgemm_source.reduce_source(bias, residual)
+        for bias, residual, swiglu in ((False, False, False), (True, True, False), (False, False, True)):
+            source = qgemm_source.reduce_source(bias, residual, swiglu)  # split-K's sum of the partials
             types = {"partials": "float32", "bias": dtype, "residual": dtype}
             failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source, types,
                                [("y", dtype)], [("T", dtype), ("THREADS", 256)])
+        source = qkv_heads.kernel_source()  # the QKV product into heads, RoPE on Q and K
+        failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source,
+                           {"y": dtype, "inv_freq": "float32", "offset": "int32"}, [(n, dtype) for n in "qkv"],
+                           [("T", dtype), ("THREADS", 256), ("HEADS", 14), ("KV_HEADS", 2), ("D", 64)])
     return failed
 
 

@@ -128,18 +128,18 @@ def test_one_trace_per_bucket(loaded, switch_on):
 
 
 def test_each_gemm_switch_setting_traces_anew(loaded, switch_on, monkeypatch):
-    """FOUNDRY_QGEMM, FOUNDRY_QGEMM_AHEAD and FOUNDRY_QGEMM_ARRIVE decide routes while tracing
-    (qgemm.trace_switches), so a new setting of any gets its own trace of a bucket, and going back
-    replays the first."""
+    """FOUNDRY_QGEMM, FOUNDRY_QGEMM_AHEAD and FOUNDRY_QKV_HEADS decide routes while tracing
+    (qgemm.trace_switches, kernels/qkv_heads.py), so a new setting of any gets its own trace of a
+    bucket, and going back replays the first."""
     model, _ = loaded
     compiled = prefilling.compiled_prefill_for(model)
     ids = prompt(2 * 128 + 3)
-    names = ("FOUNDRY_QGEMM_AHEAD", "FOUNDRY_QGEMM_ARRIVE", "FOUNDRY_QGEMM")
+    names = ("FOUNDRY_QGEMM_AHEAD", "FOUNDRY_QKV_HEADS", "FOUNDRY_QGEMM")
     for name in names:
         monkeypatch.delenv(name, raising=False)
     mx.eval(prefilling.prefill(model, ids, model.make_cache()))
     before = compiled.traces
-    for name, value in zip(names, ("2", "1", "0")):
+    for name, value in zip(names, ("2", "0", "0")):
         monkeypatch.setenv(name, value)
         mx.eval(prefilling.prefill(model, ids, model.make_cache()))
     assert compiled.traces == before + 3

@@ -152,3 +152,28 @@ def test_leading_axes_are_rows_without_reshapes():
     (output,) = run_source(qgemm_source.kernel_source("metal", True, True), launch.arguments())
     assert output.shape == (4, 5, 72)
     np.testing.assert_array_equal(output.reshape(20, 72), flat)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_split_reduce_applies_swiglu_rounding_each_step(dtype):
+    """The SwiGLU sum alone on chosen partials (3 slabs, 5 rows of [gate | up], 7 columns each):
+    gate and up summed in fp32 and rounded to T, then sigmoid(gate), its product with gate and that
+    product with up, each rounded to T as the MLX ops it replaces round; checked against numpy."""
+    rng = np.random.default_rng(4)
+    partials = rng.normal(size=(3, 5, 14)).astype(np.float32) * 2
+    mx_dtype = mx.float16 if dtype is np.float16 else mx.bfloat16
+    launch = qgemm.reduce_launch(mx.array(partials), (5, 7), mx_dtype)
+    (y,) = run_source(qgemm_source.reduce_source(swiglu=True), launch.arguments())
+
+    def rounded(values):  # to T and back to float32
+        return np.array(mx.array(values.astype(np.float32)).astype(mx_dtype).astype(mx.float32))
+
+    summed = partials[0] + partials[1] + partials[2]
+    gate, up = rounded(summed[:, :7]), rounded(summed[:, 7:])
+    sigmoid = rounded(1.0 / (1.0 + np.exp(-gate)))
+    expected = rounded(rounded(sigmoid * gate) * up)
+    got = bfloat16_to_float32(y) if dtype == "bfloat16" else y.astype(np.float32)
+    assert y.shape == (5, 7)
+    np.testing.assert_allclose(got, expected, rtol=2.0 ** -8, atol=1e-6)
+    assert np.mean(got == expected) > 0.9
+    assert np.abs(got - rounded(gate * up)).max() > 0.01, "the activation was not applied"

@@ -193,45 +193,55 @@ def test_split_launch_takes_no_epilogue():
     assert launch.arguments()["output_shapes"] == [(2, 16, 64)] and launch.arguments()["output_dtypes"] == [mx.float32]
 
 
-def test_arrive_launch_takes_the_epilogue_and_a_partials_workspace():
-    """FOUNDRY_QGEMM_ARRIVE's launch: the product (epilogue included) first, the fp32 partials second;
-    more output tiles than the arrival counters is refused (qgemm.run then sums by a second launch)."""
-    inputs = make_inputs(Case(16, 64, 256, bias=True, residual=True))
-    launch = qgemm.launch("cuda", inputs["x"], inputs["weight"], inputs["bias"], inputs["residual"], split=2,
-                          arrive=True)
-    arguments = launch.arguments()
-    assert arguments["output_shapes"] == [(16, 64), (2, 16, 64)]
-    assert arguments["output_dtypes"] == [inputs["x"].dtype, mx.float32]
-    assert len(arguments["inputs"]) == 6 and ("SPLIT_K", 2) in arguments["template"]
-    wide = make_inputs(Case(16, 128 * (qgemm_source.ARRIVALS + 1), 256))
-    with pytest.raises(ValueError, match="output tiles"):
-        qgemm.launch("cuda", wide["x"], wide["weight"], split=2, arrive=True)
+def test_swiglu_sum_takes_split_products_without_an_epilogue():
+    """The SwiGLU activation rides on split-K's sum: an unsplit product, or one with a bias or a
+    residual, is refused before anything is launched; the sum's launch covers N/2 outputs a row."""
+    inputs = make_inputs(Case(16, 64, 256, bias=True))
+    for options in (dict(split=1), dict(split=2, bias=inputs["bias"])):
+        with pytest.raises(ValueError, match="SwiGLU"):
+            qgemm.run("cuda", inputs["x"], inputs["weight"], swiglu=True, **options)
+    launch = qgemm.reduce_launch(mx.zeros((2, 16, 64)), (16, 32), mx.float16)
+    assert launch.arguments()["output_shapes"] == [(16, 32)] and launch.grid == (512, 1, 1)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        qgemm_source.reduce_source(bias=True, swiglu=True)
 
 
-@pytest.mark.parametrize("value, backend, expected", [("", "cuda", False), ("0", "cuda", False), ("1", "cuda", True),
-                                                      ("1", "metal", False)])
-def test_arrive_switch(monkeypatch, value, backend, expected):
-    monkeypatch.setenv(qgemm.ARRIVE, value)
-    assert qgemm.arrive(backend) is expected
+def test_splits_is_the_default_split_of_run():
+    """`splits` (what ops.norm_swiglu asks before routing the activation into the sum) is the split
+    `run` makes by default: the 0.5B's gate/up at 128 rows is split on CUDA, never on Metal."""
+    inputs = make_inputs(Case(128, 2 * 4864, 896))
+    assert qgemm.splits("cuda", inputs["x"], inputs["weight"]) == qgemm.split_k("cuda", 128, 2 * 4864, 896,
+                                                                               qgemm.tile("cuda", 128, 2 * 4864)) > 1
+    assert qgemm.splits("metal", inputs["x"], inputs["weight"]) == 1
 
 
-def test_arrive_switch_rejects_other_values(monkeypatch):
-    monkeypatch.setenv(qgemm.ARRIVE, "yes")
-    with pytest.raises(FoundryError, match=qgemm.ARRIVE):
-        qgemm.arrive("cuda")
+@pytest.mark.parametrize("split, fused", [(2, True), (1, False)])
+def test_norm_swiglu_sums_the_activation_where_the_kernel_splits(monkeypatch, split, fused):
+    """`ops.norm_swiglu` on a prefill-shaped x: where the kernel route splits K, one call of the
+    kernel with `swiglu` (here: the split partials made by numpy and summed by the Metal reduce on the
+    simulator); unsplit, the product then MLX's split and activation. Both match the reference path."""
+    inputs = make_inputs(Case(20, 2 * 48, 128, bits=4, group=32))
+    layer = Linear(inputs["weight"])
+    x = inputs["x"].reshape(1, 20, 128)
+    norm = mx.ones((128,), dtype=mx.float16)
+    calls = []
 
+    def simulated(backend, h, weight, bias=None, residual=None, swiglu=False):
+        calls.append(swiglu)
+        y = np.array(qgemm.reference(h, weight).astype(mx.float32)).reshape(20, 96)
+        if not swiglu:
+            return mx.array(y.reshape(1, 20, 96)).astype(mx.float16)
+        partials = mx.array(np.stack([y * 0.25, y * 0.75]))  # two K ranges' fp32 sums
+        launch = qgemm.reduce_launch(partials, (1, 20, 48), mx.float16)
+        return mx.array(run_source(qgemm_source.reduce_source(swiglu=True), launch.arguments())[0])
 
-def test_arrive_source_counts_then_sums_in_k_order():
-    """The in-launch sum is the reduce launch's loop (same order, same rounding) behind the arrival
-    count, with the counters reset for the next launch; only CUDA's split launches have it."""
-    source = qgemm_source.kernel_source("cuda", True, True, split=True, arrive=True)
-    assert source.output_names == ("y", "partials") and source.input_names[-2:] == ("bias", "residual")
-    body = source.body
-    partial_store = body.index("partials[((long)split * m_rows + r_) * N + c_] = v_;")
-    count = body.index("atomicAdd(&foundry_qgemm_arrivals[arrival_tile], 1u)")
-    assert partial_store < body.index("__threadfence()") < count < body.index("for (int s = 0; s < SPLIT_K; ++s)")
-    assert "foundry_qgemm_arrivals[arrival_tile] = 0u" in body
-    assert f"foundry_qgemm_arrivals[{qgemm_source.ARRIVALS}]" in source.header
-    for backend, split in (("metal", True), ("cuda", False)):
-        with pytest.raises(ValueError, match="in-launch"):
-            qgemm_source.kernel_source(backend, split=split, arrive=True)
+    monkeypatch.setattr(kernels, "active", lambda: SimpleNamespace(backend="cuda"))
+    monkeypatch.setattr(qgemm, "route", lambda *args: "kernel")
+    monkeypatch.setattr(qgemm, "splits", lambda *args: split)
+    monkeypatch.setattr(qgemm, "run", simulated)
+    ours = ops.norm_swiglu(x, norm, 1e-6, layer)
+    assert calls == [fused] and ours.shape == (1, 20, 48)
+    gate, up = mx.split(qgemm.reference(mx.fast.rms_norm(x, norm, 1e-6), layer.quantized), 2, axis=-1)
+    reference = np.array((mx.sigmoid(gate) * gate * up).astype(mx.float32))
+    error = np.abs(np.array(ours.astype(mx.float32)) - reference).max() / np.abs(reference).max()
+    assert error < 4 * 2**-10, f"relative error {error:.3g}"

@@ -1,0 +1,112 @@
+"""The seam between the models and the math: the hot operations of a transformer layer.
+
+Models call only these functions. Each has a reference implementation in plain `mlx` ops
+(MLX's own fused paths: `fast.rms_norm`, `quantized_matmul`, `fast.rope`,
+`fast.scaled_dot_product_attention`); that is the CPU path and the oracle for the kernels. When a
+custom-kernel backend is active (`kernels.backend()`), single-token decode steps are routed to
+its kernels instead. Prefill's quantized products stay on MLX's `quantized_matmul` except for
+the shapes where kernels/qgemm_table.py records that another route measured faster: our
+quantized GEMM (kernels/qgemm.py) or, at large M, dequantize-then-dense-matmul
+(kernels/qgemm_dense.py).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import kernels
+from .kernels import qgemm, qgemm_dense
+from .layers import Linear, RoPE
+
+
+def _decode_kernels(batch: int, length: int):
+    """The active kernel set for one token of one sequence (B=1, L=1) with custom kernels on, else None."""
+    return kernels.active() if batch == 1 and length == 1 else None
+
+
+def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.array:
+    """x Wᵀ + bias (+ residual)."""
+    custom = _decode_kernels(x.shape[0], x.shape[1])
+    if custom is not None and layer.bits is not None:
+        return custom.linear(x, layer, residual=residual)
+    if layer.bits is not None and x.ndim > 1 and x.size > x.shape[-1]:
+        backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+        weight = layer.quantized
+        route = qgemm.route(backend, x, weight)
+        if route != "mlx":
+            bias = layer.bias if "bias" in layer else None
+            if route == "kernel":
+                y = qgemm.run(backend, x, weight, bias=bias, residual=residual)
+            else:
+                y = qgemm_dense.run(x, weight, bias=bias, residual=residual)
+            return y  # (..., N): both routes keep x's leading axes
+    y = layer.matmul(x)
+    if "bias" in layer:
+        y = y + layer.bias
+    return y if residual is None else residual + y
+
+
+def norm_linear(x: mx.array, norm_weight: mx.array, eps: float, layer: Linear) -> mx.array:
+    """rms_norm(x) Wᵀ: the final norm and the LM head."""
+    custom = _decode_kernels(x.shape[0], x.shape[1])
+    if custom is not None and layer.bits is not None:
+        return custom.linear(x, layer, norm_weight=norm_weight, eps=eps)
+    return linear(mx.fast.rms_norm(x, norm_weight, eps), layer)
+
+
+def norm_qkv_rope(
+    x: mx.array,
+    norm_weight: mx.array,
+    eps: float,
+    qkv: Linear,
+    rope: RoPE,
+    offset: int | mx.array,
+    n_heads: int,
+    n_kv_heads: int,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """RMSNorm, the fused Q/K/V projection (+ biases), and RoPE on Q and K.
+
+    Returns queries (B, n_heads, L, D), keys and values (B, n_kv_heads, L, D).
+    """
+    batch, length, _ = x.shape
+    head_dim = rope.dims
+    custom = _decode_kernels(x.shape[0], x.shape[1])
+    if custom is not None and qkv.bits is not None:
+        fused = custom.norm_qkv_rope(x, norm_weight, eps, qkv, rope, offset, n_heads, n_kv_heads)
+        q, k, v = mx.split(fused, [n_heads * head_dim, (n_heads + n_kv_heads) * head_dim], axis=-1)
+        return (
+            q.reshape(batch, n_heads, 1, head_dim),
+            k.reshape(batch, n_kv_heads, 1, head_dim),
+            v.reshape(batch, n_kv_heads, 1, head_dim),
+        )
+    fused = linear(mx.fast.rms_norm(x, norm_weight, eps), qkv)
+    q, k, v = mx.split(fused, [n_heads * head_dim, (n_heads + n_kv_heads) * head_dim], axis=-1)
+    q = q.reshape(batch, length, n_heads, head_dim).transpose(0, 2, 1, 3)
+    k = k.reshape(batch, length, n_kv_heads, head_dim).transpose(0, 2, 1, 3)
+    v = v.reshape(batch, length, n_kv_heads, head_dim).transpose(0, 2, 1, 3)
+    return rope(q, offset), rope(k, offset), v
+
+
+def norm_swiglu(x: mx.array, norm_weight: mx.array, eps: float, gate_up: Linear) -> mx.array:
+    """silu(gate) * up of rms_norm(x), with gate and up as one fused matrix [gate; up]."""
+    custom = _decode_kernels(x.shape[0], x.shape[1])
+    if custom is not None and gate_up.bits is not None:
+        return custom.linear(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
+    gate, up = mx.split(linear(mx.fast.rms_norm(x, norm_weight, eps), gate_up), 2, axis=-1)
+    return mx.sigmoid(gate) * gate * up  # silu(gate) * up; MLX fuses the element-wise chain on GPU
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None, cache=None
+) -> mx.array:
+    """Scaled dot-product attention with grouped-query heads; returns (B, L, n_heads * D).
+
+    `k`, `v` are what the cache returned (a view of its valid part, or its whole buffer with a
+    `mask` inside a compiled step); the decode kernel reads `cache`'s buffers and valid length.
+    """
+    custom = _decode_kernels(q.shape[0], q.shape[2])
+    if custom is not None and cache is not None and custom.supports_attention(q.shape[-1]):
+        return custom.decode_attention(q, cache.keys, cache.values, cache.valid_length(), scale)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    batch, _, length, _ = q.shape
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

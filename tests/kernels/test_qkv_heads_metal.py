@@ -1,0 +1,113 @@
+"""The QKV heads + RoPE kernel's Metal rendition (kernels/qkv_heads.py), run on the CPU by the SIMT
+harness, against its twin in MLX ops (`reshape`, `transpose`, `split`, `mx.fast.rope`); and the
+route ops.norm_qkv_rope takes to it."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from foundry_mlx import ops
+from foundry_mlx.kernels import qkv_heads
+from foundry_mlx.kernels.metal_sim import bfloat16_to_float32
+from foundry_mlx.layers import Linear, RoPE
+
+from .metal_runs import run_source
+
+
+def _as_float(array) -> np.ndarray:
+    """The harness's output as float32 (its bfloat16 comes as uint16 bit patterns)."""
+    return bfloat16_to_float32(array) if array.dtype == np.uint16 else array.astype(np.float32)
+
+
+def _case(batch, length, heads, kv_heads, dim, dtype, scaling=None, seed=0):
+    rng = np.random.default_rng(seed)
+    y = mx.array(rng.normal(size=(batch, length, (heads + 2 * kv_heads) * dim)).astype(np.float32)).astype(dtype)
+    return y, RoPE(dim, 10000.0, scaling)
+
+
+def _run(y, rope, offset, heads, kv_heads):
+    launch = qkv_heads.launch(y, rope.inverse_frequencies, offset, heads, kv_heads)
+    return [_as_float(out) for out in run_source(qkv_heads.kernel_source(), launch.arguments())]
+
+
+@pytest.mark.parametrize("batch, length, heads, kv_heads, dim, dtype, offset, scaling", [
+    (1, 7, 4, 2, 8, mx.float16, 0, None),                                     # GQA, a partial threadgroup
+    (2, 5, 3, 1, 16, mx.float16, 37, None),                                   # batch, a later chunk
+    (1, 6, 2, 2, 8, mx.bfloat16, 3, {"rope_type": "linear", "factor": 2.0}),  # bfloat16, scaled RoPE
+])
+def test_metal_heads_match_the_mlx_ops(batch, length, heads, kv_heads, dim, dtype, offset, scaling):
+    """q, k, v equal the reference's: V bit for bit (a copy), Q and K within one rounding of T (the
+    rotation in fp32 as mx.fast.rope's; cos/sin and fused multiply-adds may differ in the last bit)."""
+    y, rope = _case(batch, length, heads, kv_heads, dim, dtype, scaling)
+    ours = _run(y, rope, offset, heads, kv_heads)
+    expected = [np.array(a.astype(mx.float32)) for a in qkv_heads.reference(y, rope, offset, heads, kv_heads)]
+    assert [o.shape for o in ours] == [(batch, heads, length, dim)] + [(batch, kv_heads, length, dim)] * 2
+    np.testing.assert_array_equal(ours[2], expected[2])
+    tolerance = 2.0 ** (-10 if dtype == mx.float16 else -7)  # one unit in the last place, relative
+    for got, want in zip(ours[:2], expected[:2]):
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+    unrotated = np.array(y.astype(mx.float32)).reshape(batch, length, -1, dim).transpose(0, 2, 1, 3)
+    assert np.abs(ours[1] - unrotated[:, heads:heads + kv_heads]).max() > 0.1, "K was not rotated"
+
+
+def test_metal_heads_at_a_wrong_offset_fail_the_comparison():
+    """The comparison is not vacuous: the positions really enter the angle."""
+    y, rope = _case(1, 4, 2, 1, 8, mx.float16)
+    ours = _run(y, rope, 5, 2, 1)
+    expected = np.array(qkv_heads.reference(y, rope, 0, 2, 1)[0].astype(mx.float32))
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(ours[0], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_launch_refuses_a_width_that_is_not_whole_heads():
+    y = mx.zeros((1, 4, 5 * 8 + 2), dtype=mx.float16)
+    with pytest.raises(ValueError, match="not 5 heads"):
+        qkv_heads.launch(y, RoPE(8, 10000.0).inverse_frequencies, 0, 3, 1)
+
+
+@pytest.mark.parametrize("value, backend, on", [
+    ("", "cuda", True), ("", "metal", False), ("1", "metal", True), ("0", "cuda", False), ("1", None, False),
+])
+def test_switch(monkeypatch, value, backend, on):
+    monkeypatch.setenv(qkv_heads.SWITCH, value)
+    assert qkv_heads.enabled(backend) is on
+
+
+def test_switch_refuses_other_values(monkeypatch):
+    monkeypatch.setenv(qkv_heads.SWITCH, "yes")
+    with pytest.raises(Exception, match="FOUNDRY_QKV_HEADS"):
+        qkv_heads.enabled("cuda")
+
+
+class _FakeKernelSet:
+    backend = "metal"
+
+
+@pytest.mark.parametrize("length, offset, routed", [(6, 0, True), (6, 4, True), (1, 0, False),
+                                                     (6, mx.array(0), False)])
+def test_norm_qkv_rope_routes_prompts_to_the_kernel(monkeypatch, length, offset, routed):
+    """With the kernel on, prompts (L > 1 at an integer offset) take one launch; a single token or an
+    array offset (a compiled decode step) keeps the MLX ops. Either way the values are the reference's."""
+    calls = []
+
+    def fake_run(backend, y, inverse_frequencies, at, heads, kv_heads):
+        calls.append((backend, at))
+        return qkv_heads.reference(y, rope, at, heads, kv_heads)
+
+    monkeypatch.setenv(qkv_heads.SWITCH, "1")
+    monkeypatch.setattr(ops.kernels, "active", lambda: _FakeKernelSet())
+    monkeypatch.setattr(ops, "_decode_kernels", lambda batch, length: None)
+    monkeypatch.setattr(qkv_heads, "run", fake_run)
+    rng = np.random.default_rng(1)
+    heads, kv_heads, dim, hidden = 2, 1, 8, 16
+    x = mx.array(rng.normal(size=(1, length, hidden)).astype(np.float32))
+    qkv = Linear(mx.array(rng.normal(size=((heads + 2 * kv_heads) * dim, hidden)).astype(np.float32)))
+    rope = RoPE(dim, 10000.0)
+    norm = mx.ones((hidden,))
+    q, k, v = ops.norm_qkv_rope(x, norm, 1e-6, qkv, rope, offset, heads, kv_heads)
+    assert calls == ([("metal", offset)] if routed else [])
+    fused = ops.linear(mx.fast.rms_norm(x, norm, 1e-6), qkv)
+    for got, want in zip((q, k, v), qkv_heads.reference(fused, rope, offset, heads, kv_heads)):
+        np.testing.assert_array_equal(np.array(got), np.array(want))
