@@ -3,7 +3,7 @@
 #   REVISION=<commit> BASE=.ab/base bash benchmarks/device_prefill_ab.sh
 # BASE: a copy of an earlier foundry_mlx package to compare against (made here with
 #   `mkdir -p .ab/base && git archive <commit> foundry_mlx | tar -x -C .ab/base`; untracked, it travels).
-# 1. GPU tests of the GEMM (tests/kernels/test_qgemm_gpu.py) unless TESTS=0.
+# 1. GPU tests of the GEMM (TEST_FILES, default tests/kernels/test_qgemm_gpu.py; TEST_FILTER: -k) unless TESTS=0.
 # 2. Prefill alone (benchmarks/prefill_compile_bench.py, compiled, buffers kept) of the 7B and the
 #    0.5B at LENGTHS (default 128), this tree against BASE in alternation (this, base, this, base),
 #    with FOUNDRY_QGEMM=${AB_QGEMM:-1} so both run our kernel wherever it can.
@@ -26,7 +26,7 @@ for s in qwen2.5-0.5b qwen2.5-7b; do
     --out /tmp/random-$s-4bit >/dev/null 2>&1 || exit 4
 done
 if [ "${TESTS:-1}" != 0 ]; then
-  PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/kernels/test_qgemm_gpu.py -k "${TEST_FILTER:-}" -p no:cacheprovider \
+  PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu ${TEST_FILES:-tests/kernels/test_qgemm_gpu.py} -k "${TEST_FILTER:-}" -p no:cacheprovider \
     --tb=short 2>&1 | tail -15 | tee $R/h200-qgemm-gpu-tests-${REVISION:-unknown}.log
 fi
 IFS=';' read -ra settings <<< "${AB_SWITCHES:+FOUNDRY_NOTHING=;$AB_SWITCHES}"
