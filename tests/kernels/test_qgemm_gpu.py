@@ -109,9 +109,11 @@ def test_every_split(backend, split):
 @pytest.mark.parametrize("split", [2, 4])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_split_sum_applies_swiglu(backend, split, dtype):
-    """`swiglu=True`: split-K's sum gives silu(gate) * up of a [gate; up] product, as the MLX ops it
-    replaces compute it from the product (each step rounded to T): within one rounding of T, and
-    bit for bit at most elements. The 0.5B's gate/up shape at 77 rows."""
+    """`swiglu=True`: split-K's sum gives silu(gate) * up of a [gate; up] product within one rounding
+    of T of the MLX ops it replaces (sigmoid, then two products, each rounded to T). Not bit for bit:
+    MLX's sigmoid on half runs in half steps (1 / (1 + exp(|x|)), mlx/backend/cuda/device/
+    unary_ops.cuh), ours in fp32 rounded once (H200, 6071c0d: 75% of the elements equal). The 0.5B's
+    gate/up shape at 77 rows."""
     if backend != "cuda":
         pytest.skip("split-K is CUDA's")
     case = Case(77, 2 * 4864, 896, bits=4, group=64, dtype=dtype, name=f"swiglu{split}_")
@@ -122,8 +124,7 @@ def test_split_sum_applies_swiglu(backend, split, dtype):
     assert ours.shape == (77, 4864)
     tolerance = 2.0 ** (-9 if dtype == "float16" else -6)
     np.testing.assert_allclose(ours, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
-    same = np.mean(ours == expected)
-    assert same > 0.9, f"only {same:.1%} of the elements equal the MLX ops'"
+    assert np.abs(ours - np.array((gate * up).astype(mx.float32))).max() > 0.01, "the activation was not applied"
 
 
 RING_CASES = [Case(128, n, k, name=f"ring_{name}_") for name, n, k in SHAPES if name.startswith("7b") and "lm" not in name]

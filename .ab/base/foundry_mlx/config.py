@@ -62,3 +62,17 @@ class ModelConfig:
         kwargs.setdefault("attention_bias", values.get("model_type") == "qwen2")
         head_dim = values.get("head_dim") or values["hidden_size"] // heads
         return cls(head_dim=head_dim, **kwargs)
+
+
+def prefill_flops(config, length: int) -> float:
+    """Multiply-adds x2 of prefilling `length` tokens: every layer's projections for every token,
+    causal attention (scores and weighted values over the positions each query sees), and the LM
+    head for the last position only (what the engines compute). Sliding windows are ignored: an
+    upper bound for Gemma 3's local layers."""
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.head_dim
+    projections = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    projections += 3 * hidden * config.intermediate_size
+    attention = 2 * heads * head_dim * length * (length + 1) / 2  # QK^T and PV, causal
+    per_layer = 2 * projections * length + 2 * attention
+    return config.num_hidden_layers * per_layer + 2 * hidden * config.vocab_size

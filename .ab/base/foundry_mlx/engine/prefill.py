@@ -21,10 +21,16 @@ array (so the true length never enters the shape either). Outside, each layer's 
 go into the caller's cache with one node per array (`KVCache.fill`).
 
 Building a replay's graph costs host time too (~1.5 ms for the 7B's 715 nodes on the H200,
-during which the GPU had nothing queued), so the layers are traced in segments
-(FOUNDRY_PREFILL_SEGMENTS, default 4: the first 2 layers, then 4, 8, the rest): each segment's
-graph is built and queued (`mx.async_eval`) while the GPU runs the one before, and the GPU waits
-only for the first segment's. The segments' outputs are the same arrays the single trace computes.
+during which the GPU had nothing queued), so where the GPU's share is large the layers are traced
+in segments (the first 2 layers, then 4, 8, the rest): each segment's graph is built and queued
+(`mx.async_eval`) while the GPU runs the one before, and the GPU waits only for the first
+segment's. The segments' outputs are the same arrays the single trace computes. Measured on the
+H200 (eedb4b3, prefill alone, pp128, `benchmarks/results/h200-prefill-ab-eedb4b3.txt`): the 7B
+17.24/17.52 ms in one trace → 15.50/15.62 in four segments; the 0.5B, whose prefill is bound by
+host time per node rather than by its GPU work, 5.46/6.16 → 6.37/7.46 (each segment's call and
+queueing is host time added). So the default is 4 segments where a layer's prefill is at least
+SEGMENT_MIN_FLOPS (7B at 128 tokens: 60 GFLOP a layer; 0.5B: 3.8), else one trace;
+FOUNDRY_PREFILL_SEGMENTS=N sets the number for every prompt (1: one trace).
 
 It applies where the result equals the eager path's: one sequence, a fresh cache (every layer
 at offset 0: a prompt's first chunk; later chunks and prompt-cache hits run eagerly) of plain
@@ -41,6 +47,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from .. import kernels
+from ..config import prefill_flops
 from ..errors import FoundryError
 from ..kernels import qgemm
 from .cache import KVCache
@@ -49,6 +56,7 @@ SWITCH = "FOUNDRY_PREFILL_COMPILE"
 SEGMENTS_SWITCH = "FOUNDRY_PREFILL_SEGMENTS"
 DEFAULT_SEGMENTS = 4
 FIRST_SEGMENT = 2  # layers in the first segment (the GPU's wait); each next one twice as many
+SEGMENT_MIN_FLOPS = 20e9  # a layer's prefill arithmetic from which segments pay (between the two measured)
 BUCKET = 128
 SMALLEST_BUCKET = 16
 
@@ -64,15 +72,24 @@ def enabled() -> bool:
     return value == "1"
 
 
-def segments(layers: int) -> list[tuple[int, int]]:
-    """The (start, stop) layer ranges a prefill is traced and queued in: FOUNDRY_PREFILL_SEGMENTS of
-    them at most (1: one trace of every layer), FIRST_SEGMENT layers first, then twice as many each
-    time, the last segment taking the rest."""
+def default_segments(config, padded: int) -> int:
+    """DEFAULT_SEGMENTS where one layer's prefill of `padded` tokens is at least SEGMENT_MIN_FLOPS
+    of arithmetic (the GPU's time hides the next segment's graph building), else 1."""
+    if config is None:
+        return 1
+    layer_flops = (prefill_flops(config, padded) - prefill_flops(config, 0)) / config.num_hidden_layers
+    return DEFAULT_SEGMENTS if layer_flops >= SEGMENT_MIN_FLOPS else 1
+
+
+def segments(layers: int, default: int = DEFAULT_SEGMENTS) -> list[tuple[int, int]]:
+    """The (start, stop) layer ranges a prefill is traced and queued in: FOUNDRY_PREFILL_SEGMENTS
+    (else `default`) of them at most (1: one trace of every layer), FIRST_SEGMENT layers first, then
+    twice as many each time, the last segment taking the rest."""
     value = os.environ.get(SEGMENTS_SWITCH, "").strip()
     if value and not (value.isdigit() and int(value) >= 1):
         raise FoundryError(f"{SEGMENTS_SWITCH}={value!r} is not a whole number of segments >= 1; 1 traces the "
-                           f"prefill in one piece, unset it for the default ({DEFAULT_SEGMENTS}).")
-    most = int(value) if value else DEFAULT_SEGMENTS
+                           "prefill in one piece, unset it for the default (by the model's size).")
+    most = int(value) if value else default
     bounds, start, size = [], 0, FIRST_SEGMENT
     while len(bounds) + 1 < most and start + size < layers:
         bounds.append((start, start + size))
@@ -142,7 +159,10 @@ class CompiledPrefill:
         h = mx.array(list(ids) + [0] * (bucket(length) - length))[None]
         last = mx.array([length - 1])
         # A model without `run_layers` (its layers are not a plain chain) is traced in one piece.
-        bounds = segments(len(cache)) if callable(getattr(self.model, "run_layers", None)) else [(0, len(cache))]
+        if callable(getattr(self.model, "run_layers", None)):
+            bounds = segments(len(cache), default_segments(getattr(self.model, "config", None), h.shape[1]))
+        else:
+            bounds = [(0, len(cache))]
         for start, stop in bounds:
             key = (kernels.backend_name(), *qgemm.trace_switches(), start, stop)
             forward = self._compiled.get(key)

@@ -20,6 +20,7 @@ import os
 
 import mlx.core as mx
 
+from ..errors import FoundryError
 from ..quant import QuantizedWeight
 from . import qgemm_dense, qgemm_ring, qgemm_source, qgemm_table
 from .qgemv_launch import Launch
@@ -53,7 +54,7 @@ def tile(backend: str, m: int, n: int) -> tuple[int, int, int, int]:
         return METAL_TILE
     if m <= 32:
         return CUDA_TILES["16x128" if m <= 16 else "32x128"]
-    if -(-m // 128) * -(-n // 128) >= 16:
+    if groups(m, n, CUDA_TILES["128x128"]) >= 16:
         return CUDA_TILES["128x128"]
     return CUDA_TILES["64x128"]
 
@@ -69,6 +70,11 @@ MAX_SPLIT = 8
 MIN_SPLIT_TILES = 8  # K tiles (of 32) each split keeps at least
 
 
+def groups(m: int, n: int, tile_shape: tuple[int, int, int, int]) -> int:
+    """Threadgroups (output tiles) of an M x N product in this tile, before any split."""
+    return -(-m // tile_shape[0]) * -(-n // tile_shape[1])
+
+
 def slots(tile_shape: tuple[int, int, int, int]) -> int:
     """Threadgroups of this tile the GPU runs at once (one wave)."""
     threads = tile_shape[2] * tile_shape[3] * 32
@@ -80,10 +86,9 @@ def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, in
     still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
     if backend != "cuda":
         return 1
-    groups = -(-m // tile_shape[0]) * -(-n // tile_shape[1])
-    places, k_tiles = slots(tile_shape), k // qgemm_source.BK
+    tiles, places, k_tiles = groups(m, n, tile_shape), slots(tile_shape), k // qgemm_source.BK
     split = 1
-    while (groups * 2 * split <= places and 2 * split <= MAX_SPLIT and k_tiles % (2 * split) == 0
+    while (tiles * 2 * split <= places and 2 * split <= MAX_SPLIT and k_tiles % (2 * split) == 0
            and k_tiles // (2 * split) >= MIN_SPLIT_TILES):
         split *= 2
     return split
@@ -98,12 +103,13 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 
 def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
            residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
-           split: int = 1, ahead: int = 1) -> Launch:
+           split: int = 1, ahead: int = 1, arrive: bool = False) -> Launch:
     """Arguments for one call on x (..., K): the output is (..., N), x's leading axes kept (the kernel
     flattens them into M rows, so no reshape node is needed either side); with `split` > 1 (the split
-    variant, no bias or residual) (split, M, N) fp32 partial sums. `residual` has the output's size.
-    `tile_shape` overrides the chosen tile (the benchmark compares them). `ahead` > 1: the ring
-    schedule's template (kernels/qgemm_ring.py, experimental)."""
+    variant, no bias or residual) (split, M, N) fp32 partial sums, or with `arrive` too (CUDA) the
+    product (epilogue included) and those partials as a second output, summed in the same launch.
+    `residual` has the output's size. `tile_shape` overrides the chosen tile (the benchmark compares
+    them). `ahead` > 1: the ring schedule's template (kernels/qgemm_ring.py, experimental)."""
     if not supported(x, weight):
         raise ValueError(f"quantized GEMM does not handle x {x.shape} {x.dtype} with {weight.bits}-bit "
                          f"weights {weight.shape}, group {weight.group_size}")
@@ -111,8 +117,9 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
     m = x.size // k
     block_m, block_n, warps_m, warps_n = tile_shape or tile(backend, m, n)
     inputs = [x, weight.weight, weight.scales, weight.biases]
-    if split > 1 and (bias is not None or residual is not None or (k // qgemm_source.BK) % split):
-        raise ValueError(f"split-K by {split} takes no epilogue and K tiles ({k // qgemm_source.BK}) it divides")
+    if split > 1 and ((not arrive and (bias is not None or residual is not None)) or (k // qgemm_source.BK) % split):
+        raise ValueError(f"split-K by {split} takes no epilogue (unless summed in the launch) and K tiles "
+                         f"({k // qgemm_source.BK}) it divides")
     if residual is not None and residual.size != m * n:
         raise ValueError(f"residual {residual.shape} does not match the product's {m}x{n}")
     if bias is not None:
@@ -124,12 +131,17 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
     if ahead > 1:
         template.append(("AHEAD", ahead))
     threads = warps_m * warps_n * 32
-    groups = -(-m // block_m) * -(-n // block_n)
+    tiles = groups(m, n, (block_m, block_n, warps_m, warps_n))
     if split > 1:
         template.append(("SPLIT_K", split))
-        return Launch(inputs, template, (groups * split * threads, 1, 1), (threads, 1, 1), (split, m, n),
+        if arrive:
+            if tiles > qgemm_source.ARRIVALS:
+                raise ValueError(f"{tiles} output tiles: the in-launch sum counts at most {qgemm_source.ARRIVALS}")
+            return Launch(inputs, template, (tiles * split * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n),
+                          x.dtype, (((split, m, n), mx.float32),))
+        return Launch(inputs, template, (tiles * split * threads, 1, 1), (threads, 1, 1), (split, m, n),
                       mx.float32)
-    return Launch(inputs, template, (groups * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n), x.dtype)
+    return Launch(inputs, template, (tiles * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n), x.dtype)
 
 
 def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
@@ -143,25 +155,41 @@ def reference(x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None
 _kernels: dict[tuple, object] = {}
 
 
-def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory: int = 0, reduce: bool = False):
+def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory: int = 0, reduce: bool = False,
+            arrive: bool = False):
     """The kernel object per (backend, epilogue, split), built on first use: the GEMM, split-K's sum
-    (`reduce`), or with dynamic `shared_memory` (bytes, the ring schedule's) qgemm_ring's GEMM, one
-    object per size (MLX fixes it per object)."""
-    key = (backend, bias, residual, split, shared_memory, reduce)
+    (`reduce`), the split GEMM that sums in its own launch (`arrive`), or with dynamic
+    `shared_memory` (bytes, the ring schedule's) qgemm_ring's GEMM, one object per size (MLX fixes
+    it per object)."""
+    key = (backend, bias, residual, split, shared_memory, reduce, arrive)
     kernel = _kernels.get(key)
     if kernel is None:
         if reduce:
             source = qgemm_source.reduce_source(bias, residual)
         else:
-            source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split)
+            source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split,
+                                                                                   arrive)
         kernel = _kernels[key] = source.build(backend, shared_memory)
     return kernel
 
 
-def trace_switches() -> tuple[str, str]:
+ARRIVE = "FOUNDRY_QGEMM_ARRIVE"
+
+
+def arrive(backend: str) -> bool:
+    """FOUNDRY_QGEMM_ARRIVE=1 (experimental, CUDA): split-K summed inside the GEMM's launch by the
+    last threadgroup of each tile (qgemm_source._ARRIVE) instead of by a second launch."""
+    value = os.environ.get(ARRIVE, "").strip()
+    if value not in ("", "0", "1"):
+        raise FoundryError(f"{ARRIVE}={value!r} is not 0 or 1; unset it for the default (a second launch sums).")
+    return value == "1" and backend == "cuda"
+
+
+def trace_switches() -> tuple[str, str, str]:
     """The settings (as set) that decide, while a prefill is traced, which route and schedule its
     products take: engine/prefill.py keeps one compiled trace per value."""
-    return os.environ.get(qgemm_table.VARIABLE, ""), os.environ.get(qgemm_ring.SWITCH, "")
+    return (os.environ.get(qgemm_table.VARIABLE, ""), os.environ.get(qgemm_ring.SWITCH, ""),
+            os.environ.get(ARRIVE, ""))
 
 
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
@@ -179,6 +207,9 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     if split == 1:
         arguments = launch(backend, x, weight, bias, residual, tile_shape, ahead=ahead).arguments()
         return _kernel(backend, bias is not None, residual is not None, False, shared)(**arguments)[0]
+    if arrive(backend) and groups(m, n, tile_shape) <= qgemm_source.ARRIVALS:
+        arguments = launch(backend, x, weight, bias, residual, tile_shape, split, ahead, arrive=True).arguments()
+        return _kernel(backend, bias is not None, residual is not None, True, shared, arrive=True)(**arguments)[0]
     arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
     partials = _kernel(backend, False, False, True, shared)(**arguments)[0]
     arguments = reduce_launch(partials, (*x.shape[:-1], n), x.dtype, bias, residual).arguments()
@@ -197,7 +228,6 @@ def reduce_launch(partials: mx.array, shape: tuple[int, ...], dtype, bias: mx.ar
     threads = -(-m * n // REDUCE_THREADS) * REDUCE_THREADS
     return Launch(inputs, [("T", dtype), ("THREADS", REDUCE_THREADS)], (threads, 1, 1), (REDUCE_THREADS, 1, 1),
                   shape, dtype)
-
 
 
 def route(backend: str | None, x: mx.array, weight: QuantizedWeight) -> str:

@@ -16,163 +16,14 @@ operands and a half accumulator would lose the fp32 accumulation the CUDA rendit
 
 from __future__ import annotations
 
-from .qgemv import LOAD_WORDS_CUDA
-from .source import KernelSource
+from .qgemm_primitives import HEADER as _HEADER
+from .source import KernelSource, rewritten
 
 BK = 32  # K per tile: one 32-value chunk of a weight row = BITS whole uint32 words
 # CUDA: at most 256 threads (the 128x128 tile's 8 warps), two blocks per SM: registers capped at 128
 # (no spills, sm_90a), so two 128x128 tiles share an SM; uncapped, NVRTC's 156 fit one.
 LAUNCH_BOUNDS = (256, 2)
 MAX_REGISTERS = 65536 // (LAUNCH_BOUNDS[0] * LAUNCH_BOUNDS[1])
-
-_HEADER = {
-    "cuda": """
-#define TILE_T T
-#define TILE_SPACE
-#define STAGES 2
-#define PAD 8
-#define UNROLL _Pragma("unroll")
-#define WAIT_COPIES() asm volatile("cp.async.wait_all;\\n" ::: "memory")
-// q < 2^23 as a float without I2F (a quarter-rate conversion that would rival the tensor cores' time
-// per tile): its bits under the exponent of 2^23, minus 2^23. Exact.
-#define Q_TO_FLOAT(q) (__uint_as_float(0x4B000000u | (q)) - 8388608.0f)
-// 16 bytes global → shared without passing through registers; src-size 0 writes zeros (rows past M).
-__device__ __forceinline__ void foundry_copy8(void* target, const void* source, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(target));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\\n" :: "r"(address), "l"(source),
-               "r"(valid ? 16 : 0) : "memory");
-}
-#define COPY_X8(target, source, valid) foundry_copy8(target, source, valid)
-__device__ __forceinline__ void foundry_ldmatrix_x4(unsigned* r, const void* pointer) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(pointer));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-template <typename T> __device__ void foundry_mma(float* c, const unsigned* a, const unsigned* b);
-template <> __device__ __forceinline__ void foundry_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void foundry_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-""" + LOAD_WORDS_CUDA + """template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
-template <> __device__ __forceinline__ unsigned int foundry_pack2<__half>(float a, float b) {
-  const __half2 pair = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const unsigned int*>(&pair);
-}
-template <> __device__ __forceinline__ unsigned int foundry_pack2<__nv_bfloat16>(float a, float b) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const unsigned int*>(&pair);
-}
-// V values rounded to T, stored 8 at a time (16-byte stores: rows of LD = 40 are conflict-free).
-template <typename T, int V>
-__device__ __forceinline__ void foundry_store_values(T* target, const float* values) {
-#pragma unroll
-  for (int i = 0; i < V; i += 8) {
-    uint4 packed;
-    packed.x = foundry_pack2<T>(values[i], values[i + 1]);
-    packed.y = foundry_pack2<T>(values[i + 2], values[i + 3]);
-    packed.z = foundry_pack2<T>(values[i + 4], values[i + 5]);
-    packed.w = foundry_pack2<T>(values[i + 6], values[i + 7]);
-    *reinterpret_cast<uint4*>(target + i) = packed;
-  }
-}
-#define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
-// Dequantization without float conversions where q fits under T's mantissa (4-bit into half or
-// bfloat16, 8-bit into half): two q's OR-ed under the exponent of BASE make the T pair
-// (BASE + q0, BASE + q1) (a byte permute and a mask per pair), then one exact packed subtract of
-// BASE and one packed fused multiply-add: T(scale * q + bias), rounded once. About 2 instructions
-// a value where the float path (shift, mask, convert, FMA, pack) takes ~5; Nsight Compute put the
-// 7B gate/up's warps at 35% issue utilisation, mostly waiting on fixed-latency dependencies.
-template <typename T> struct foundry_pairs { static constexpr bool FOUR = false, EIGHT = false; };
-template <> struct foundry_pairs<__half> {
-  static constexpr bool FOUR = true, EIGHT = true;        // q + 1024 is exact for q < 1024
-  static constexpr unsigned int BASE = 0x64006400u;       // half2(1024, 1024)
-  static __device__ __forceinline__ unsigned int affine(unsigned int q, unsigned int s, unsigned int b) {
-    const unsigned int base = BASE;
-    const __half2 v = __hfma2(__hsub2(*reinterpret_cast<const __half2*>(&q), *reinterpret_cast<const __half2*>(&base)),
-                              *reinterpret_cast<const __half2*>(&s), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const unsigned int*>(&v);
-  }
-};
-template <> struct foundry_pairs<__nv_bfloat16> {
-  static constexpr bool FOUR = true, EIGHT = false;       // q + 128 is exact for q < 128 only
-  static constexpr unsigned int BASE = 0x43004300u;       // bfloat162(128, 128)
-  static __device__ __forceinline__ unsigned int affine(unsigned int q, unsigned int s, unsigned int b) {
-    const unsigned int base = BASE;
-    const __nv_bfloat162 v = __hfma2(
-        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&q), *reinterpret_cast<const __nv_bfloat162*>(&base)),
-        *reinterpret_cast<const __nv_bfloat162*>(&s), *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const unsigned int*>(&v);
-  }
-};
-// VALS values of one weight row (its packed words) → target, if T and BITS have the fast path;
-// false otherwise (the skeleton's float path runs instead).
-template <typename T, int BITS, int VALS>
-__device__ __forceinline__ bool foundry_fast_dequant(T* target, const unsigned int* words, float scale, float bias,
-                                                     bool valid) {
-  using P = foundry_pairs<T>;
-  if constexpr ((BITS == 4 && P::FOUR) || (BITS == 8 && P::EIGHT)) {
-    const unsigned int s = foundry_pack2<T>(valid ? scale : 0.0f, valid ? scale : 0.0f);
-    const unsigned int b = foundry_pack2<T>(valid ? bias : 0.0f, valid ? bias : 0.0f);
-    unsigned int pairs[VALS / 2];
-    if constexpr (BITS == 4) {
-      UNROLL for (int i = 0; i < VALS / 8; ++i) {
-        const unsigned int even = words[i] & 0x0F0F0F0Fu;        // bytes q0 q2 q4 q6
-        const unsigned int odd = (words[i] >> 4) & 0x0F0F0F0Fu;  // bytes q1 q3 q5 q7
-        // pair j: bytes (q2j, q2j, q2j+1, q2j+1), the odd copies masked off, BASE's exponent OR-ed in
-        UNROLL for (int j = 0; j < 4; ++j)
-          pairs[4 * i + j] = P::affine((__byte_perm(even, odd, j * 0x1111 + 0x4400) & 0x00FF00FFu) | P::BASE, s, b);
-      }
-    } else {
-      // bytes (q0, BASE's high byte, q1, BASE's high byte): selectors 0 5 1 7 and 2 5 3 7
-      UNROLL for (int i = 0; i < VALS / 4; ++i) {
-        pairs[2 * i] = P::affine(__byte_perm(words[i], P::BASE, 0x7150), s, b);
-        pairs[2 * i + 1] = P::affine(__byte_perm(words[i], P::BASE, 0x7352), s, b);
-      }
-    }
-    UNROLL for (int i = 0; i < VALS / 8; ++i)
-      reinterpret_cast<uint4*>(target)[i] = make_uint4(pairs[4 * i], pairs[4 * i + 1], pairs[4 * i + 2], pairs[4 * i + 3]);
-    return true;
-  } else {
-    return false;
-  }
-}
-#define FAST_DEQUANT(T, BITS, VALS, target, words, scale, bias, valid) \\
-  foundry_fast_dequant<T, BITS, VALS>(target, words, scale, bias, valid)
-""",
-    "metal": """
-#define TILE_T float
-#define TILE_SPACE threadgroup
-#define STAGES 1
-#define PAD 4
-#define UNROLL _Pragma("clang loop unroll(full)")
-#define WAIT_COPIES()
-#define Q_TO_FLOAT(q) static_cast<float>(q)
-template <typename T>
-inline void foundry_copy8(threadgroup float* target, const device T* source, bool valid) {
-  for (int i = 0; i < 8; ++i) target[i] = valid ? static_cast<float>(source[i]) : 0.0f;
-}
-#define COPY_X8(target, source, valid) foundry_copy8(target, source, valid)
-template <int W>
-inline void foundry_load_words(const device uint32_t* source, thread unsigned int* target) {
-  for (int i = 0; i < W; ++i) target[i] = source[i];
-}
-#define LOAD_WORDS(W, source, target) foundry_load_words<W>(source, target)
-template <typename T, int V>
-inline void foundry_store_values(threadgroup float* target, thread const float* values) {
-  for (int i = 0; i < V; ++i) target[i] = static_cast<float>(static_cast<T>(values[i]));
-}
-#define STORE_VALUES(T, V, target, values) foundry_store_values<T, V>(target, values)
-#define FAST_DEQUANT(T, BITS, VALS, target, words, scale, bias, valid) false
-""",
-}
 
 # Accumulators, the multiply of one staged tile, and where each accumulator element lands.
 _ACCUMULATORS = {
@@ -237,11 +88,12 @@ _STORE = {
 }
 
 
-def _finish(bias: bool, residual: bool, split: bool = False) -> str:
+def _finish(bias: bool, residual: bool, split: bool = False, partials: str = "y", name: str = "FINISH") -> str:
     """The epilogue of one output element, rounded to T where the reference path rounds; with
-    split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of y."""
+    split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of
+    `partials`."""
     if split:
-        lines = ["y[((long)split * m_rows + r_) * N + c_] = v_;"]
+        lines = [f"{partials}[((long)split * m_rows + r_) * N + c_] = v_;"]
     else:
         lines = ["T value = static_cast<T>(v_);"]
         if bias:
@@ -251,7 +103,42 @@ def _finish(bias: bool, residual: bool, split: bool = False) -> str:
                          "+ static_cast<float>(value));")
         lines.append("y[(long)r_ * N + c_] = value;")
     body = " ".join(lines)
-    return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
+    return f"#define {name}(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
+
+
+# Split-K finished inside the GEMM's own launch (CUDA, FOUNDRY_QGEMM_ARRIVE=1): each threadgroup
+# stores its fp32 partial tile, then counts its arrival at its output tile; the last of the
+# SPLIT_K to arrive sums the partials in K order (as reduce_source does: the same bits) and writes
+# y with the epilogue. One graph node per split product where the reduce launch made two: a short
+# prefill of a small model is bound by host time per node. The counters are a __device__ array of
+# the kernel's module, zero at load and set back to zero by each tile's last threadgroup; launches of
+# one kernel on MLX's one stream never overlap, so no two launches share a counter at once.
+ARRIVALS = 1024  # output tiles one launch may count (qgemm.py falls back to the reduce launch above)
+_ARRIVALS_HEADER = f"""
+__device__ unsigned int foundry_qgemm_arrivals[{ARRIVALS}];
+"""
+_ARRIVE = """
+  __threadfence();                                         // this threadgroup's partials, device-wide
+  BARRIER();
+  __shared__ unsigned int foundry_last;
+  const int arrival_tile = (int)group_id % mn_tiles;
+  if (thread_id == 0)
+    foundry_last = atomicAdd(&foundry_qgemm_arrivals[arrival_tile], 1u) == (unsigned int)(SPLIT_K - 1);
+  BARRIER();
+  if (foundry_last) {
+    __threadfence();
+    for (int i = (int)thread_id; i < BM * BN; i += THREADS) {
+      const int r = row0 + i / BN, c = col0 + i % BN;
+      if (r < m_rows && c < N) {
+        float v = 0.0f;
+        for (int s = 0; s < SPLIT_K; ++s) v += __ldcg(partials + ((long)s * m_rows + r) * N + c);
+        FINISH_Y(r, c, v);
+      }
+    }
+    if (thread_id == 0) foundry_qgemm_arrivals[arrival_tile] = 0u;
+  }
+#undef FINISH_Y
+"""
 
 
 _SKELETON = """
@@ -390,24 +277,38 @@ def reduce_source(bias: bool = False, residual: bool = False) -> KernelSource:
     return KernelSource(name, ("partials",) + epilogue, ("y",), _REDUCE.format(finish=_finish(bias, residual)))
 
 
-def kernel_name(bias: bool, residual: bool, split: bool = False) -> str:
-    if split:
+def kernel_name(bias: bool, residual: bool, split: bool = False, arrive: bool = False) -> str:
+    if split and not arrive:
         return "foundry_qgemm_split"
-    return "foundry_qgemm" + ("_bias" if bias else "") + ("_residual" if residual else "")
+    return ("foundry_qgemm" + ("_arrive" if arrive else "") + ("_bias" if bias else "")
+            + ("_residual" if residual else ""))
 
 
-def input_names(bias: bool, residual: bool, split: bool = False) -> tuple[str, ...]:
-    epilogue = () if split else (("bias",) if bias else ()) + (("residual",) if residual else ())
+def input_names(bias: bool, residual: bool, split: bool = False, arrive: bool = False) -> tuple[str, ...]:
+    epilogue = () if split and not arrive else (("bias",) if bias else ()) + (("residual",) if residual else ())
     return ("x", "w", "scales", "biases") + epilogue
 
 
-def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False) -> KernelSource:
+def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False,
+                  arrive: bool = False) -> KernelSource:
     """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N, and SPLIT_K for the
     split variant; M (x's leading axes), N and K from the shapes). `split`: y is (SPLIT_K, M, N) fp32
-    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual)."""
+    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual). `arrive`
+    (CUDA, with split): outputs y (the product, epilogue included) and partials (SPLIT_K, M, N): the
+    tile's last threadgroup sums them in the same launch (_ARRIVE)."""
+    if arrive and not (split and backend == "cuda"):
+        raise ValueError("the in-launch split-K sum is CUDA's, for split launches")
+    finish = _finish(bias, residual, split, partials="partials" if arrive else "y")
     body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
-                            store=_STORE[backend], finish=_finish(bias, residual, split))
+                            store=_STORE[backend], finish=finish)
+    header = _HEADER[backend]
+    if arrive:
+        marker = "#undef FINISH\n"
+        body = rewritten(body, ((marker, marker + _finish(bias, residual, name="FINISH_Y") + "\n" + _ARRIVE),),
+                         once=True)
+        header += _ARRIVALS_HEADER
     if not split:
         body = "  constexpr int SPLIT_K = 1;\n" + body
-    return KernelSource(kernel_name(bias, residual, split), input_names(bias, residual, split), ("y",), body,
-                        _HEADER[backend], launch_bounds=LAUNCH_BOUNDS)
+    outputs = ("y", "partials") if arrive else ("y",)
+    return KernelSource(kernel_name(bias, residual, split, arrive), input_names(bias, residual, split, arrive),
+                        outputs, body, header, launch_bounds=LAUNCH_BOUNDS)

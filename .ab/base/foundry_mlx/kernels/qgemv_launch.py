@@ -57,11 +57,13 @@ class Launch:
     threadgroup: tuple[int, int, int]
     output_shape: tuple[int, ...]
     output_dtype: mx.Dtype
+    more_outputs: tuple = ()  # (shape, dtype) of each output after the first (workspaces)
 
     def arguments(self) -> dict:
         """The keyword arguments of the kernel object's call."""
         return dict(inputs=self.inputs, template=self.template, grid=self.grid, threadgroup=self.threadgroup,
-                    output_shapes=[self.output_shape], output_dtypes=[self.output_dtype])
+                    output_shapes=[self.output_shape, *(shape for shape, _ in self.more_outputs)],
+                    output_dtypes=[self.output_dtype, *(dtype for _, dtype in self.more_outputs)])
 
 
 def shape_constants(units: int, k: int, bits: int, group_size: int, rows: int = 0) -> tuple[dict[str, int], int]:
