@@ -6,7 +6,7 @@ A chain of `--nodes` nodes of one kind is built, then launched with `mx.async_ev
 once every node is issued: the host's share) and waited for. Kinds: a custom kernel of a few lines
 (`mx.fast.cuda_kernel`), the same kernel with a 16 KB source (MLX hashes the whole source at each
 launch: mlx/backend/cuda/custom_kernel.cpp), MLX's own add, and reshape/transpose pairs (views, no
-kernel). Medians over `--trials` after a warm-up, per node, in µs. CUDA only.
+kernel), our prefill GEMM and MLX's attention at the 0.5B's shapes. Medians over `--trials` after a warm-up, per node, in µs. CUDA only.
 """
 
 from __future__ import annotations
@@ -36,6 +36,24 @@ def _chain(kind: str, x: mx.array, nodes: int) -> mx.array:
             x = kernel(inputs=[x], template=[("T", x.dtype)], grid=(x.size, 1, 1), threadgroup=(256, 1, 1),
                        output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
         return x
+    if kind.startswith("sdpa"):  # the 0.5B's prefill attention at 128 tokens: 14 query heads, 2 kv, 64 wide
+        q = mx.zeros((1, 14, 128, 64), dtype=x.dtype) + x[:1]
+        kv = mx.zeros((1, 2, 128, 64), dtype=x.dtype)
+        mx.eval(q, kv)
+        for _ in range(nodes):
+            q = mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.125, mask="causal")
+        return q
+    if kind.startswith("our GEMM"):  # the 0.5B's o_proj at 128 rows, unsplit: its 14 KB source
+        from foundry_mlx import quant
+        from foundry_mlx.kernels import qgemm
+
+        h = mx.zeros((128, 896), dtype=x.dtype) + x[:1]
+        w, scales, biases = mx.quantize(mx.zeros((896, 896), dtype=x.dtype), group_size=64, bits=4)
+        weight = quant.QuantizedWeight(w, scales, biases, 4, 64)
+        mx.eval(h, w, scales, biases)
+        for _ in range(nodes):
+            h = qgemm.run("cuda", h, weight, split=1)
+        return h
     if kind == "mlx add":
         for _ in range(nodes):
             x = x + 1
@@ -52,7 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"mlx {mx.__version__}, {mx.default_device()}, chains of {args.nodes} nodes, µs per node (median)")
     print(f"{'kind':28s} {'build':>8s} {'launch':>8s} {'wait':>8s}")
-    for kind in ("custom kernel", "custom kernel, 16 KB source", "mlx add", "reshape + transpose"):
+    for kind in ("custom kernel", "custom kernel, 16 KB source", "our GEMM (896x896, M=128)", "sdpa (0.5B, 128 causal)",
+                 "mlx add", "reshape + transpose"):
         times: dict[str, list[float]] = {"build": [], "launch": [], "wait": []}
         for trial in range(args.trials + 1):
             x = mx.zeros((1024,), dtype=mx.float16)

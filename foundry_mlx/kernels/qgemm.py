@@ -20,6 +20,7 @@ import os
 
 import mlx.core as mx
 
+from ..errors import FoundryError
 from ..quant import QuantizedWeight
 from . import qgemm_dense, qgemm_ring, qgemm_source, qgemm_table
 from .qgemv_launch import Launch
@@ -82,8 +83,10 @@ def slots(tile_shape: tuple[int, int, int, int]) -> int:
 
 def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, int, int]) -> int:
     """How many K ranges a launch is split into (1: none): CUDA only, doubling while the split grid
-    still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
-    if backend != "cuda":
+    still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES.
+    FOUNDRY_QGEMM_SPLIT=0 never splits (each split product is two graph nodes: what a prefill bound
+    by host time per node pays for a GPU that waits anyway)."""
+    if backend != "cuda" or not splitting():
         return 1
     tiles, places, k_tiles = groups(m, n, tile_shape), slots(tile_shape), k // qgemm_source.BK
     split = 1
@@ -91,6 +94,18 @@ def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, in
            and k_tiles // (2 * split) >= MIN_SPLIT_TILES):
         split *= 2
     return split
+
+
+SPLIT_SWITCH = "FOUNDRY_QGEMM_SPLIT"
+
+
+def splitting() -> bool:
+    """Whether split-K may be used: FOUNDRY_QGEMM_SPLIT=0 turns it off (unset or 1: on)."""
+    value = os.environ.get(SPLIT_SWITCH, "").strip()
+    if value not in ("", "0", "1"):
+        raise FoundryError(f"{SPLIT_SWITCH}={value!r} is not 0 or 1; unset it for the default (split where the "
+                           "grid is smaller than one wave).")
+    return value != "0"
 
 
 def supported(x: mx.array, weight: QuantizedWeight) -> bool:
@@ -163,10 +178,11 @@ def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory
     return kernel
 
 
-def trace_switches() -> tuple[str, str]:
+def trace_switches() -> tuple[str, str, str]:
     """The settings (as set) that decide, while a prefill is traced, which route and schedule its
     products take: engine/prefill.py keeps one compiled trace per value."""
-    return os.environ.get(qgemm_table.VARIABLE, ""), os.environ.get(qgemm_ring.SWITCH, "")
+    return (os.environ.get(qgemm_table.VARIABLE, ""), os.environ.get(qgemm_ring.SWITCH, ""),
+            os.environ.get(SPLIT_SWITCH, ""))
 
 
 def splits(backend: str, x: mx.array, weight: QuantizedWeight) -> int:

@@ -245,3 +245,16 @@ def test_norm_swiglu_sums_the_activation_where_the_kernel_splits(monkeypatch, sp
     reference = np.array((mx.sigmoid(gate) * gate * up).astype(mx.float32))
     error = np.abs(np.array(ours.astype(mx.float32)) - reference).max() / np.abs(reference).max()
     assert error < 4 * 2**-10, f"relative error {error:.3g}"
+
+
+def test_split_switch_turns_split_k_off(monkeypatch):
+    """FOUNDRY_QGEMM_SPLIT=0: no product is split (a host-bound prefill's choice); 1 or unset: the
+    one-wave rule; anything else names the switch."""
+    shape = (128, 896, 896, qgemm.tile("cuda", 128, 896))
+    monkeypatch.delenv(qgemm.SPLIT_SWITCH, raising=False)
+    assert qgemm.split_k("cuda", *shape) > 1
+    monkeypatch.setenv(qgemm.SPLIT_SWITCH, "0")
+    assert qgemm.split_k("cuda", *shape) == 1
+    monkeypatch.setenv(qgemm.SPLIT_SWITCH, "no")
+    with pytest.raises(FoundryError, match=qgemm.SPLIT_SWITCH):
+        qgemm.split_k("cuda", *shape)
