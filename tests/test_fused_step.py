@@ -210,3 +210,15 @@ def test_decode_ahead_is_read_and_checked_in_one_place(monkeypatch, text, expect
             decode_ahead(8)
     else:
         assert decode_ahead(8) == expected
+
+
+def test_state_and_params_made_without_host_buffers_equal_the_plain_ones():
+    """kernels/sample.py's `device_state` (stacked from scalars) and `shared_params` (one array per
+    value, reused by later requests) hold what `make_state` and `make_params` do."""
+    for values in ((0, 0, 0, 1, 0), (4095, 17, 3, 2**32 - 5, 64)):
+        assert sample.device_state(*values).tolist() == sample.make_state(*values).tolist()
+        assert sample.device_state(*values).dtype == mx.int32
+    first = sample.shared_params(0.7, 40, 0.9, 0.05, 1.1)
+    assert first is sample.shared_params(0.7, 40, 0.9, 0.05, 1.1)
+    assert first.tolist() == sample.make_params(0.7, 40, 0.9, 0.05, 1.1).tolist()
+    assert sample.shared_params(0.0, 40, 0.9, 0.05, 1.1) is not first

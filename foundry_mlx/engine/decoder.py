@@ -95,11 +95,16 @@ class FusedDecoder:
         self.cache = cache
         window = max(params.repetition_context, 1)
         history = list(recent_ids[-window:]) if params.repetition_penalty != 1.0 else []
-        self.recent = mx.array(history + [0] * (window - len(history)), dtype=mx.int32)
-        self.params = sample.make_params(params.temperature, params.top_k, params.top_p, params.min_p,
-                                         params.repetition_penalty)
+        # Made on the device where they can be (kernels/sample.py's `device_state`: host-written arrays
+        # cost the first token ~0.15 ms each on CUDA); the ring is written in place, so it is new.
+        if history:
+            self.recent = mx.array(history + [0] * (window - len(history)), dtype=mx.int32)
+        else:
+            self.recent = mx.zeros((window,), dtype=mx.int32)
+        self.params = sample.shared_params(params.temperature, params.top_k, params.top_p, params.min_p,
+                                           params.repetition_penalty)
         position = cache[0].offset - 1  # the prompt's last position: the sampled token goes after it
-        state = sample.make_state(position, 0, 0, seed, len(history))
+        state = sample.device_state(position, 0, 0, seed, len(history))
         self.state, token, self.recent = self.kernels.sample(logits.reshape(-1), self.params, state, self.recent)
         self.position = position + 1
         return token

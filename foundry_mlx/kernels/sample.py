@@ -309,6 +309,31 @@ def make_params(temperature: float, top_k: int, top_p: float, min_p: float, pena
     return mx.array(params_row(temperature, top_k, top_p, min_p, penalty), dtype=mx.float32)
 
 
+# A generation's first token, on CUDA: arrays written on the host (anything over 8 bytes goes to
+# managed memory in MLX's allocator) cost the sampler's set-up 0.45-0.7 ms for three of them on the
+# H200 (benchmarks/results/h200-ttft-*). So a request's params are made once per distinct value (the
+# kernels only read them), its state is stacked on the device from 4-byte scalars (MLX's scalar
+# pool), and an empty penalty ring is zeros made on the device.
+_shared_params: dict[tuple, mx.array] = {}
+
+
+def shared_params(temperature: float, top_k: int, top_p: float, min_p: float, penalty: float) -> mx.array:
+    """`make_params`' array, one per distinct value for the process (read-only for every kernel)."""
+    key = (float(temperature), int(top_k), float(top_p), float(min_p), float(penalty))
+    params = _shared_params.get(key)
+    if params is None:
+        if len(_shared_params) >= 256:
+            _shared_params.clear()
+        params = _shared_params[key] = make_params(*key)
+        mx.eval(params)
+    return params
+
+
+def device_state(position: int, token: int, counter: int, seed: int, ring: int) -> mx.array:
+    """`make_state`'s values, stacked by the device from scalars (no host-written buffer)."""
+    return mx.stack([mx.array(value, dtype=mx.int32) for value in state_row(position, token, counter, seed, ring)])
+
+
 def params_row(temperature: float, top_k: int, top_p: float, min_p: float, penalty: float, window: int = 0) -> list:
     """One row of params: the five rules, then (batched kernel only) the penalty window."""
     return [temperature, float(top_k), top_p, min_p, penalty, float(window)] + [0.0] * (PARAMS_SIZE - 6)
