@@ -29,6 +29,11 @@ if [ "${TESTS:-1}" != 0 ]; then
   PYTHONPATH=$HERE timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu ${TEST_FILES:-tests/kernels/test_qgemm_gpu.py} -k "${TEST_FILTER:-}" -p no:cacheprovider \
     --tb=short 2>&1 | tail -15 | tee $R/h200-qgemm-gpu-tests-${REVISION:-unknown}.log
 fi
+# A llama.cpp build on the same host (benchmarks/llamacpp_baseline.sh) slows every host-bound number:
+# say so in the results rather than let it pass unnoticed.
+load="load average $(cut -d' ' -f1-3 /proc/loadavg)"
+tail -1 /root/llbase/status 2>/dev/null | grep -q DONE || [ ! -d /root/llbase ] || load="$load, llama.cpp build RUNNING"
+echo "# $load" > $R/load.txt
 IFS=';' read -ra settings <<< "${AB_SWITCHES:+FOUNDRY_NOTHING=;$AB_SWITCHES}"
 [ "${AB:-1}" = 0 ] && AB_MODELS=" "
 for s in ${AB_MODELS:-qwen2.5-7b qwen2.5-0.5b}; do
@@ -42,7 +47,7 @@ for s in ${AB_MODELS:-qwen2.5-7b qwen2.5-0.5b}; do
       python3 benchmarks/prefill_compile_bench.py --path /tmp/random-$s-4bit --lengths ${LENGTHS:-128} \
       --trials ${AB_TRIALS:-9} 2>&1 | tail -${AB_TAIL:-2}
   done
-done 2>&1 | tee $R/h200-prefill-ab-${REVISION:-unknown}.txt
+done 2>&1 | { cat $R/load.txt; cat; } | tee $R/h200-prefill-ab-${REVISION:-unknown}.txt
 if [ -n "$QGEMM_ARGS" ]; then
   PYTHONPATH=$HERE timeout ${QGEMM_TIMEOUT:-150} python3 benchmarks/qgemm_bench.py $QGEMM_ARGS \
     --out $R/h200-qgemm-${REVISION:-unknown} 2>&1 | tail -12

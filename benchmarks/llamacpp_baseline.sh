@@ -10,6 +10,9 @@
 # bench: prompt processing at PROMPTS tokens (default 128,512) and tg128, REPS repetitions (default
 # 10: llama-bench's pp128 spreads widely over 3), and with DEPTH=N tg128 after N tokens too, for
 # every GGUF built (the kit's build.sh alone makes the 0.5B ones); rows as llama-bench's markdown.
+# Measure foundry-mlx only once the build says DONE: nice 19 or not, 16 compile jobs on the 16 cores
+# took the host-bound 0.5B pp128 from 17,626 to 11,667-13,679 tok/s and its decode from ~1,300 to 964
+# (H200, f4a2f4c). `bash benchmarks/llamacpp_baseline.sh wait` blocks until then (LLAMA_WAIT seconds).
 set -u
 B=/root/ll/llama.cpp/build/bin
 S=/root/llbase; mkdir -p $S
@@ -31,6 +34,10 @@ _build)
   rm -f /root/llkit/synth-7b-f16.gguf
   echo "DONE rc=0" >> $S/status
   ;;
+wait)  # until the build (and its 7B GGUFs) is done or LLAMA_WAIT seconds pass; then the host is quiet
+  for _ in $(seq 1 "${LLAMA_WAIT:-600}"); do tail -1 $S/status 2>/dev/null | grep -q "DONE" && break; sleep 1; done
+  echo "llama.cpp build: $(tail -1 $S/status 2>/dev/null); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  ;;
 bench)
   for _ in $(seq 1 "${LLAMA_WAIT:-0}"); do tail -1 $S/status 2>/dev/null | grep -q "DONE" && break; sleep 1; done
   echo "<!-- build: $(cat $S/status 2>/dev/null | tr '\n' ' ') -->"
@@ -49,7 +56,7 @@ bench)
   done
   ;;
 *)
-  echo "usage: bash benchmarks/llamacpp_baseline.sh build|bench (see the comment at its top)" >&2
+  echo "usage: bash benchmarks/llamacpp_baseline.sh build|wait|bench (see the comment at its top)" >&2
   exit 2
   ;;
 esac

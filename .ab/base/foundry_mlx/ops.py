@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import kernels
-from .kernels import qgemm, qgemm_dense
+from .kernels import qgemm, qgemm_dense, qkv_heads
 from .layers import Linear, RoPE
 
 
@@ -29,21 +29,25 @@ def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.a
     custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and layer.bits is not None:
         return custom.linear(x, layer, residual=residual)
-    if layer.bits is not None and x.ndim > 1 and x.size > x.shape[-1]:
-        backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
-        weight = layer.quantized
-        route = qgemm.route(backend, x, weight)
-        if route != "mlx":
-            bias = layer.bias if "bias" in layer else None
-            if route == "kernel":
-                y = qgemm.run(backend, x, weight, bias=bias, residual=residual)
-            else:
-                y = qgemm_dense.run(x, weight, bias=bias, residual=residual)
-            return y  # (..., N): both routes keep x's leading axes
+    backend, route = _gemm_route(x, layer)
+    if route != "mlx":
+        bias = layer.bias if "bias" in layer else None
+        if route == "kernel":
+            return qgemm.run(backend, x, layer.quantized, bias=bias, residual=residual)
+        return qgemm_dense.run(x, layer.quantized, bias=bias, residual=residual)  # (..., N) as the kernel's
     y = layer.matmul(x)
     if "bias" in layer:
         y = y + layer.bias
     return y if residual is None else residual + y
+
+
+def _gemm_route(x: mx.array, layer: Linear) -> tuple[str | None, str]:
+    """(GPU kernel backend or None, route) of a quantized product of several rows (a prefill's):
+    "kernel" (kernels/qgemm.py), "dense" (kernels/qgemm_dense.py) or "mlx" (`quantized_matmul`)."""
+    backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+    if layer.bits is None or x.ndim < 2 or x.size == x.shape[-1]:
+        return backend, "mlx"
+    return backend, qgemm.route(backend, x, layer.quantized)
 
 
 def norm_linear(x: mx.array, norm_weight: mx.array, eps: float, layer: Linear) -> mx.array:
@@ -80,13 +84,14 @@ def norm_qkv_rope(
             v.reshape(batch, n_kv_heads, 1, head_dim),
         )
     fused = linear(mx.fast.rms_norm(x, norm_weight, eps), qkv)
+    backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+    if isinstance(offset, int) and length > 1 and qkv_heads.enabled(backend):
+        # One launch for the heads-first layout and RoPE: a prefill's time on a small model is host
+        # time per graph node (engine/prefill.py), and the MLX ops below are five nodes.
+        return qkv_heads.run(backend, fused, rope.inverse_frequencies, offset, n_heads, n_kv_heads)
     # Heads first once for Q, K and V together, RoPE once over Q's and K's heads: 5 graph nodes where
-    # splitting first took 9 (a split, three reshapes, three transposes, two RoPEs). A prefill's
-    # time on a small model is host time per node (engine/prefill.py).
-    heads = fused.reshape(batch, length, n_heads + 2 * n_kv_heads, head_dim).transpose(0, 2, 1, 3)
-    qk, v = mx.split(heads, [n_heads + n_kv_heads], axis=1)
-    q, k = mx.split(rope(qk, offset), [n_heads], axis=1)
-    return q, k, v
+    # splitting first took 9 (a split, three reshapes, three transposes, two RoPEs).
+    return qkv_heads.reference(fused, rope, offset, n_heads, n_kv_heads)
 
 
 def norm_swiglu(x: mx.array, norm_weight: mx.array, eps: float, gate_up: Linear) -> mx.array:
@@ -94,7 +99,13 @@ def norm_swiglu(x: mx.array, norm_weight: mx.array, eps: float, gate_up: Linear)
     custom = _decode_kernels(x.shape[0], x.shape[1])
     if custom is not None and gate_up.bits is not None:
         return custom.linear(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
-    gate, up = mx.split(linear(mx.fast.rms_norm(x, norm_weight, eps), gate_up), 2, axis=-1)
+    h = mx.fast.rms_norm(x, norm_weight, eps)
+    backend, route = _gemm_route(h, gate_up)
+    if route == "kernel" and "bias" not in gate_up and qgemm.splits(backend, h, gate_up.quantized) > 1:
+        # Split-K's sum applies the activation: one graph node where the split and MLX's fused
+        # element-wise chain below are two (a short prefill's time is host time per node).
+        return qgemm.run(backend, h, gate_up.quantized, swiglu=True)
+    gate, up = mx.split(linear(h, gate_up), 2, axis=-1)
     return mx.sigmoid(gate) * gate * up  # silu(gate) * up; MLX fuses the element-wise chain on GPU
 
 

@@ -49,7 +49,7 @@ import mlx.core as mx
 from .. import kernels
 from ..config import prefill_flops
 from ..errors import FoundryError
-from ..kernels import qgemm
+from ..kernels import qgemm, qkv_heads
 from .cache import KVCache
 
 SWITCH = "FOUNDRY_PREFILL_COMPILE"
@@ -164,7 +164,7 @@ class CompiledPrefill:
         else:
             bounds = [(0, len(cache))]
         for start, stop in bounds:
-            key = (kernels.backend_name(), *qgemm.trace_switches(), start, stop)
+            key = (kernels.backend_name(), *qgemm.trace_switches(), os.environ.get(qkv_heads.SWITCH, ""), start, stop)
             forward = self._compiled.get(key)
             if forward is None:
                 forward = self._compiled[key] = mx.compile(self._segment(start, stop))

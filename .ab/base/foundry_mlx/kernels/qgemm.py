@@ -83,8 +83,10 @@ def slots(tile_shape: tuple[int, int, int, int]) -> int:
 
 def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, int, int]) -> int:
     """How many K ranges a launch is split into (1: none): CUDA only, doubling while the split grid
-    still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES."""
-    if backend != "cuda":
+    still fits in one wave (`slots`) and the K tiles divide evenly into runs of >= MIN_SPLIT_TILES.
+    FOUNDRY_QGEMM_SPLIT=0 never splits (each split product is two graph nodes: what a prefill bound
+    by host time per node pays for a GPU that waits anyway)."""
+    if backend != "cuda" or not splitting():
         return 1
     tiles, places, k_tiles = groups(m, n, tile_shape), slots(tile_shape), k // qgemm_source.BK
     split = 1
@@ -92,6 +94,18 @@ def split_k(backend: str, m: int, n: int, k: int, tile_shape: tuple[int, int, in
            and k_tiles // (2 * split) >= MIN_SPLIT_TILES):
         split *= 2
     return split
+
+
+SPLIT_SWITCH = "FOUNDRY_QGEMM_SPLIT"
+
+
+def splitting() -> bool:
+    """Whether split-K may be used: FOUNDRY_QGEMM_SPLIT=0 turns it off (unset or 1: on)."""
+    value = os.environ.get(SPLIT_SWITCH, "").strip()
+    if value not in ("", "0", "1"):
+        raise FoundryError(f"{SPLIT_SWITCH}={value!r} is not 0 or 1; unset it for the default (split where the "
+                           "grid is smaller than one wave).")
+    return value != "0"
 
 
 def supported(x: mx.array, weight: QuantizedWeight) -> bool:
@@ -103,11 +117,10 @@ def supported(x: mx.array, weight: QuantizedWeight) -> bool:
 
 def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
            residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
-           split: int = 1, ahead: int = 1, arrive: bool = False) -> Launch:
+           split: int = 1, ahead: int = 1) -> Launch:
     """Arguments for one call on x (..., K): the output is (..., N), x's leading axes kept (the kernel
     flattens them into M rows, so no reshape node is needed either side); with `split` > 1 (the split
-    variant, no bias or residual) (split, M, N) fp32 partial sums, or with `arrive` too (CUDA) the
-    product (epilogue included) and those partials as a second output, summed in the same launch.
+    variant, no bias or residual) (split, M, N) fp32 partial sums.
     `residual` has the output's size. `tile_shape` overrides the chosen tile (the benchmark compares
     them). `ahead` > 1: the ring schedule's template (kernels/qgemm_ring.py, experimental)."""
     if not supported(x, weight):
@@ -117,9 +130,8 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
     m = x.size // k
     block_m, block_n, warps_m, warps_n = tile_shape or tile(backend, m, n)
     inputs = [x, weight.weight, weight.scales, weight.biases]
-    if split > 1 and ((not arrive and (bias is not None or residual is not None)) or (k // qgemm_source.BK) % split):
-        raise ValueError(f"split-K by {split} takes no epilogue (unless summed in the launch) and K tiles "
-                         f"({k // qgemm_source.BK}) it divides")
+    if split > 1 and (bias is not None or residual is not None or (k // qgemm_source.BK) % split):
+        raise ValueError(f"split-K by {split} takes no epilogue and K tiles ({k // qgemm_source.BK}) it divides")
     if residual is not None and residual.size != m * n:
         raise ValueError(f"residual {residual.shape} does not match the product's {m}x{n}")
     if bias is not None:
@@ -134,11 +146,6 @@ def launch(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | 
     tiles = groups(m, n, (block_m, block_n, warps_m, warps_n))
     if split > 1:
         template.append(("SPLIT_K", split))
-        if arrive:
-            if tiles > qgemm_source.ARRIVALS:
-                raise ValueError(f"{tiles} output tiles: the in-launch sum counts at most {qgemm_source.ARRIVALS}")
-            return Launch(inputs, template, (tiles * split * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n),
-                          x.dtype, (((split, m, n), mx.float32),))
         return Launch(inputs, template, (tiles * split * threads, 1, 1), (threads, 1, 1), (split, m, n),
                       mx.float32)
     return Launch(inputs, template, (tiles * threads, 1, 1), (threads, 1, 1), (*x.shape[:-1], n), x.dtype)
@@ -156,64 +163,58 @@ _kernels: dict[tuple, object] = {}
 
 
 def _kernel(backend: str, bias: bool, residual: bool, split: bool, shared_memory: int = 0, reduce: bool = False,
-            arrive: bool = False):
+            swiglu: bool = False):
     """The kernel object per (backend, epilogue, split), built on first use: the GEMM, split-K's sum
-    (`reduce`), the split GEMM that sums in its own launch (`arrive`), or with dynamic
-    `shared_memory` (bytes, the ring schedule's) qgemm_ring's GEMM, one object per size (MLX fixes
-    it per object)."""
-    key = (backend, bias, residual, split, shared_memory, reduce, arrive)
+    (`reduce`, with the SwiGLU activation or not), or with dynamic `shared_memory` (bytes, the ring
+    schedule's) qgemm_ring's GEMM, one object per size (MLX fixes it per object)."""
+    key = (backend, bias, residual, split, shared_memory, reduce, swiglu)
     kernel = _kernels.get(key)
     if kernel is None:
         if reduce:
-            source = qgemm_source.reduce_source(bias, residual)
+            source = qgemm_source.reduce_source(bias, residual, swiglu)
         else:
-            source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split,
-                                                                                   arrive)
+            source = (qgemm_ring if shared_memory else qgemm_source).kernel_source(backend, bias, residual, split)
         kernel = _kernels[key] = source.build(backend, shared_memory)
     return kernel
-
-
-ARRIVE = "FOUNDRY_QGEMM_ARRIVE"
-
-
-def arrive(backend: str) -> bool:
-    """FOUNDRY_QGEMM_ARRIVE=1 (experimental, CUDA): split-K summed inside the GEMM's launch by the
-    last threadgroup of each tile (qgemm_source._ARRIVE) instead of by a second launch."""
-    value = os.environ.get(ARRIVE, "").strip()
-    if value not in ("", "0", "1"):
-        raise FoundryError(f"{ARRIVE}={value!r} is not 0 or 1; unset it for the default (a second launch sums).")
-    return value == "1" and backend == "cuda"
 
 
 def trace_switches() -> tuple[str, str, str]:
     """The settings (as set) that decide, while a prefill is traced, which route and schedule its
     products take: engine/prefill.py keeps one compiled trace per value."""
     return (os.environ.get(qgemm_table.VARIABLE, ""), os.environ.get(qgemm_ring.SWITCH, ""),
-            os.environ.get(ARRIVE, ""))
+            os.environ.get(SPLIT_SWITCH, ""))
+
+
+def splits(backend: str, x: mx.array, weight: QuantizedWeight) -> int:
+    """The K ranges `run` splits this product into by default (1: none)."""
+    n, k = weight.shape
+    m = x.size // k
+    return split_k(backend, m, n, k, tile(backend, m, n))
 
 
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,
         residual: mx.array | None = None, tile_shape: tuple[int, int, int, int] | None = None,
-        split: int | None = None) -> mx.array:
+        split: int | None = None, swiglu: bool = False) -> mx.array:
     """The kernel's y (..., N) on `backend`; kernel objects are built once per (backend, epilogue).
     `split` K ranges (default `split_k`'s choice): their fp32 partials are summed by a second launch
-    (`reduce_launch`), rounded to T and given the bias and residual as the unsplit epilogue does."""
+    (`reduce_launch`), rounded to T and given the bias and residual as the unsplit epilogue does.
+    `swiglu` (split launches only, no bias or residual): that sum also applies the activation of a
+    [gate; up] product, y (..., N/2) = silu(gate) * up, one graph node where MLX ops take two."""
     n, k = weight.shape
     m = x.size // k
     tile_shape = tile_shape or tile(backend, m, n)
     split = split_k(backend, m, n, k, tile_shape) if split is None else split
+    if swiglu and (split == 1 or bias is not None or residual is not None):
+        raise ValueError("the SwiGLU activation is applied by split-K's sum, of a product with no bias or residual")
     ahead = qgemm_ring.ahead() if backend == "cuda" else 1
     shared = qgemm_ring.shared_bytes(tile_shape, weight.bits, ahead, x.dtype.size) if ahead > 1 else 0
     if split == 1:
         arguments = launch(backend, x, weight, bias, residual, tile_shape, ahead=ahead).arguments()
         return _kernel(backend, bias is not None, residual is not None, False, shared)(**arguments)[0]
-    if arrive(backend) and groups(m, n, tile_shape) <= qgemm_source.ARRIVALS:
-        arguments = launch(backend, x, weight, bias, residual, tile_shape, split, ahead, arrive=True).arguments()
-        return _kernel(backend, bias is not None, residual is not None, True, shared, arrive=True)(**arguments)[0]
     arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
     partials = _kernel(backend, False, False, True, shared)(**arguments)[0]
-    arguments = reduce_launch(partials, (*x.shape[:-1], n), x.dtype, bias, residual).arguments()
-    return _kernel(backend, bias is not None, residual is not None, False, reduce=True)(**arguments)[0]
+    arguments = reduce_launch(partials, (*x.shape[:-1], n // 2 if swiglu else n), x.dtype, bias, residual).arguments()
+    return _kernel(backend, bias is not None, residual is not None, False, reduce=True, swiglu=swiglu)(**arguments)[0]
 
 
 REDUCE_THREADS = 256
@@ -222,10 +223,13 @@ REDUCE_THREADS = 256
 def reduce_launch(partials: mx.array, shape: tuple[int, ...], dtype, bias: mx.array | None = None,
                   residual: mx.array | None = None) -> Launch:
     """Arguments for split-K's sum (qgemm_source.reduce_source) of `partials` (S, M, N) into `shape`
-    (M·N elements) of `dtype`, with the bias and the residual (of that size) added."""
-    _, m, n = partials.shape
+    of `dtype` (M·N elements, or M·N/2 for the SwiGLU sum), with the bias and the residual (of that
+    size) added."""
     inputs = [partials] + ([bias] if bias is not None else []) + ([residual] if residual is not None else [])
-    threads = -(-m * n // REDUCE_THREADS) * REDUCE_THREADS
+    elements = 1
+    for size in shape:
+        elements *= size
+    threads = -(-elements // REDUCE_THREADS) * REDUCE_THREADS
     return Launch(inputs, [("T", dtype), ("THREADS", REDUCE_THREADS)], (threads, 1, 1), (REDUCE_THREADS, 1, 1),
                   shape, dtype)
 

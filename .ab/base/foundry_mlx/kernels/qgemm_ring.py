@@ -130,10 +130,9 @@ def ahead() -> int:
     raise FoundryError(f"{SWITCH}={value!r} is not 1, 2 or 3; unset it for the default prefill GEMM.")
 
 
-def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False,
-                  arrive: bool = False) -> KernelSource:
+def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False) -> KernelSource:
     """qgemm_source.kernel_source's GEMM with the ring schedule (one more template constant: AHEAD)."""
-    base = qgemm_source.kernel_source(backend, bias, residual, split, arrive)
+    base = qgemm_source.kernel_source(backend, bias, residual, split)
     multiply = qgemm_source._MULTIPLY[backend]
     body = rewritten(base.body, (
         ("  SHARED TILE_T x_tile[STAGES * BM * LD];\n  SHARED TILE_T w_tile[STAGES * BN * LD];\n",

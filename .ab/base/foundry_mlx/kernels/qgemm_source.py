@@ -17,7 +17,7 @@ operands and a half accumulator would lose the fp32 accumulation the CUDA rendit
 from __future__ import annotations
 
 from .qgemm_primitives import HEADER as _HEADER
-from .source import KernelSource, rewritten
+from .source import KernelSource
 
 BK = 32  # K per tile: one 32-value chunk of a weight row = BITS whole uint32 words
 # CUDA: at most 256 threads (the 128x128 tile's 8 warps), two blocks per SM: registers capped at 128
@@ -88,12 +88,12 @@ _STORE = {
 }
 
 
-def _finish(bias: bool, residual: bool, split: bool = False, partials: str = "y", name: str = "FINISH") -> str:
+def _finish(bias: bool, residual: bool, split: bool = False) -> str:
     """The epilogue of one output element, rounded to T where the reference path rounds; with
     split-K, the fp32 partial sum of this threadgroup's K range, in its own (M, N) slab of
     `partials`."""
     if split:
-        lines = [f"{partials}[((long)split * m_rows + r_) * N + c_] = v_;"]
+        lines = ["y[((long)split * m_rows + r_) * N + c_] = v_;"]
     else:
         lines = ["T value = static_cast<T>(v_);"]
         if bias:
@@ -103,42 +103,7 @@ def _finish(bias: bool, residual: bool, split: bool = False, partials: str = "y"
                          "+ static_cast<float>(value));")
         lines.append("y[(long)r_ * N + c_] = value;")
     body = " ".join(lines)
-    return f"#define {name}(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
-
-
-# Split-K finished inside the GEMM's own launch (CUDA, FOUNDRY_QGEMM_ARRIVE=1): each threadgroup
-# stores its fp32 partial tile, then counts its arrival at its output tile; the last of the
-# SPLIT_K to arrive sums the partials in K order (as reduce_source does: the same bits) and writes
-# y with the epilogue. One graph node per split product where the reduce launch made two: a short
-# prefill of a small model is bound by host time per node. The counters are a __device__ array of
-# the kernel's module, zero at load and set back to zero by each tile's last threadgroup; launches of
-# one kernel on MLX's one stream never overlap, so no two launches share a counter at once.
-ARRIVALS = 1024  # output tiles one launch may count (qgemm.py falls back to the reduce launch above)
-_ARRIVALS_HEADER = f"""
-__device__ unsigned int foundry_qgemm_arrivals[{ARRIVALS}];
-"""
-_ARRIVE = """
-  __threadfence();                                         // this threadgroup's partials, device-wide
-  BARRIER();
-  __shared__ unsigned int foundry_last;
-  const int arrival_tile = (int)group_id % mn_tiles;
-  if (thread_id == 0)
-    foundry_last = atomicAdd(&foundry_qgemm_arrivals[arrival_tile], 1u) == (unsigned int)(SPLIT_K - 1);
-  BARRIER();
-  if (foundry_last) {
-    __threadfence();
-    for (int i = (int)thread_id; i < BM * BN; i += THREADS) {
-      const int r = row0 + i / BN, c = col0 + i % BN;
-      if (r < m_rows && c < N) {
-        float v = 0.0f;
-        for (int s = 0; s < SPLIT_K; ++s) v += __ldcg(partials + ((long)s * m_rows + r) * N + c);
-        FINISH_Y(r, c, v);
-      }
-    }
-    if (thread_id == 0) foundry_qgemm_arrivals[arrival_tile] = 0u;
-  }
-#undef FINISH_Y
-"""
+    return f"#define FINISH(row_, col_, v_) do {{ const int r_ = (row_), c_ = (col_); if (r_ < m_rows && c_ < N) {{ {body} }} }} while (0)"
 
 
 _SKELETON = """
@@ -268,47 +233,61 @@ _REDUCE = """
 """
 
 
-def reduce_source(bias: bool = False, residual: bool = False) -> KernelSource:
+# The gate/up product's split-K sum with the activation: thread i takes gate column c and up column
+# c + N/2 of row r (the fused matrix is [gate; up]).
+_REDUCE_SWIGLU = """
+  const int S = partials_shape[0];
+  const int m_rows = partials_shape[1];
+  const int N = partials_shape[2];
+  const int HALF_N = N / 2;
+  const long i = (long)group_id * THREADS + (long)thread_id;
+  if (i < (long)m_rows * HALF_N) {
+    const long at = i / HALF_N * N + i % HALF_N;
+    float g = 0.0f, u = 0.0f;
+    for (int s = 0; s < S; ++s) {                          // in K order, as one range would
+      g += partials[(long)s * m_rows * N + at];
+      u += partials[(long)s * m_rows * N + at + HALF_N];
+    }
+    const float gate = static_cast<float>(static_cast<T>(g)), up = static_cast<float>(static_cast<T>(u));
+    const float sigmoid = static_cast<float>(static_cast<T>(1.0f / (1.0f + PRECISE_EXP(-gate))));
+    y[i] = static_cast<T>(static_cast<float>(static_cast<T>(sigmoid * gate)) * up);
+  }
+"""
+
+
+def reduce_source(bias: bool = False, residual: bool = False, swiglu: bool = False) -> KernelSource:
     """Split-K's second launch: y = T(the S fp32 partial slabs summed) (+ bias) (+ residual), rounded
     where the unsplit epilogue rounds (template: T, THREADS; partials (S, M, N)). One launch in place
-    of MLX's sum, cast and adds (four graph nodes, each a pass over memory)."""
+    of MLX's sum, cast and adds (four graph nodes, each a pass over memory). `swiglu` (no bias or
+    residual): the product is [gate | up] and y (M, N/2) = silu(gate) * up, rounded to T after each
+    step as the MLX ops it replaces (a split and a compiled element-wise node) round."""
+    if swiglu:
+        if bias or residual:
+            raise ValueError("the SwiGLU sum takes no bias or residual")
+        return KernelSource("foundry_qgemm_reduce_swiglu", ("partials",), ("y",), _REDUCE_SWIGLU)
     epilogue = (("bias",) if bias else ()) + (("residual",) if residual else ())
     name = "foundry_qgemm_reduce" + ("_bias" if bias else "") + ("_residual" if residual else "")
     return KernelSource(name, ("partials",) + epilogue, ("y",), _REDUCE.format(finish=_finish(bias, residual)))
 
 
-def kernel_name(bias: bool, residual: bool, split: bool = False, arrive: bool = False) -> str:
-    if split and not arrive:
+def kernel_name(bias: bool, residual: bool, split: bool = False) -> str:
+    if split:
         return "foundry_qgemm_split"
-    return ("foundry_qgemm" + ("_arrive" if arrive else "") + ("_bias" if bias else "")
-            + ("_residual" if residual else ""))
+    return "foundry_qgemm" + ("_bias" if bias else "") + ("_residual" if residual else "")
 
 
-def input_names(bias: bool, residual: bool, split: bool = False, arrive: bool = False) -> tuple[str, ...]:
-    epilogue = () if split and not arrive else (("bias",) if bias else ()) + (("residual",) if residual else ())
+def input_names(bias: bool, residual: bool, split: bool = False) -> tuple[str, ...]:
+    epilogue = () if split else (("bias",) if bias else ()) + (("residual",) if residual else ())
     return ("x", "w", "scales", "biases") + epilogue
 
 
-def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False,
-                  arrive: bool = False) -> KernelSource:
+def kernel_source(backend: str, bias: bool = False, residual: bool = False, split: bool = False) -> KernelSource:
     """The GEMM for `backend` (template: T, BITS, GROUP, BM, BN, WARPS_M, WARPS_N, and SPLIT_K for the
     split variant; M (x's leading axes), N and K from the shapes). `split`: y is (SPLIT_K, M, N) fp32
-    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual). `arrive`
-    (CUDA, with split): outputs y (the product, epilogue included) and partials (SPLIT_K, M, N): the
-    tile's last threadgroup sums them in the same launch (_ARRIVE)."""
-    if arrive and not (split and backend == "cuda"):
-        raise ValueError("the in-launch split-K sum is CUDA's, for split launches")
-    finish = _finish(bias, residual, split, partials="partials" if arrive else "y")
+    partial sums, with no epilogue (`reduce_source` sums them and adds bias and residual)."""
     body = _SKELETON.format(bk=BK, accumulators=_ACCUMULATORS[backend], multiply=_MULTIPLY[backend],
-                            store=_STORE[backend], finish=finish)
-    header = _HEADER[backend]
-    if arrive:
-        marker = "#undef FINISH\n"
-        body = rewritten(body, ((marker, marker + _finish(bias, residual, name="FINISH_Y") + "\n" + _ARRIVE),),
-                         once=True)
-        header += _ARRIVALS_HEADER
+                            store=_STORE[backend], finish=_finish(bias, residual, split))
     if not split:
         body = "  constexpr int SPLIT_K = 1;\n" + body
-    outputs = ("y", "partials") if arrive else ("y",)
-    return KernelSource(kernel_name(bias, residual, split, arrive), input_names(bias, residual, split, arrive),
-                        outputs, body, header, launch_bounds=LAUNCH_BOUNDS)
+    return KernelSource(kernel_name(bias, residual, split), input_names(bias, residual, split), ("y",), body,
+                        _HEADER[backend], launch_bounds=LAUNCH_BOUNDS)
