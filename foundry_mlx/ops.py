@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import kernels
-from .kernels import qgemm, qgemm_dense, qkv_heads
+from .kernels import qgemm, qgemm_dense, qkv_heads, sdpa_prefill
 from .layers import Linear, RoPE
 
 
@@ -120,6 +120,9 @@ def attention(
     custom = _decode_kernels(q.shape[0], q.shape[2])
     if custom is not None and cache is not None and custom.supports_attention(q.shape[-1]):
         return custom.decode_attention(q, cache.keys, cache.values, cache.valid_length(), scale)
+    backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+    if sdpa_prefill.enabled(backend) and sdpa_prefill.applies(q, mask):
+        return sdpa_prefill.run(backend, q, k, v, scale)  # one node for the three below (experimental)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     batch, _, length, _ = q.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

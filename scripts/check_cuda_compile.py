@@ -37,6 +37,7 @@ from foundry_mlx.kernels import (  # noqa: E402
     qkv_heads,
     sample,
     sdpa,
+    sdpa_prefill,
     sdpa_split,
 )
 
@@ -237,6 +238,11 @@ def compile_qgemm(args, scratch: Path) -> bool:
         failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source,
                            {"y": dtype, "inv_freq": "float32", "offset": "int32"}, [(n, dtype) for n in "qkv"],
                            [("T", dtype), ("THREADS", 256), ("HEADS", 14), ("KV_HEADS", 2), ("D", 64)])
+        for dim, heads, kv_heads in ((64, 14, 2), (128, 28, 4)):  # a short prompt's causal attention
+            source = sdpa_prefill.kernel_source(1.0 / dim ** 0.5)
+            failed |= _compile(args, scratch, f"{source.name} {dtype} D={dim}", f"{source.name}_{dtype}_{dim}", source,
+                               {"q": dtype, "k": dtype, "v": dtype}, [("out", dtype)],
+                               [("T", dtype), ("D", dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("WARPS", 4)])
     return failed
 
 

@@ -128,25 +128,26 @@ def test_one_trace_per_bucket(loaded, switch_on):
 
 
 def test_each_gemm_switch_setting_traces_anew(loaded, switch_on, monkeypatch):
-    """FOUNDRY_QGEMM, FOUNDRY_QGEMM_AHEAD and FOUNDRY_QKV_HEADS decide routes while tracing
-    (qgemm.trace_switches, kernels/qkv_heads.py), so a new setting of any gets its own trace of a
-    bucket, and going back replays the first."""
+    """The GEMM's switches (FOUNDRY_QGEMM, _AHEAD, _SPLIT), FOUNDRY_QKV_HEADS and
+    FOUNDRY_PREFILL_ATTENTION decide routes while tracing (prefill.route_switches), so a new setting
+    of any gets its own trace of a bucket, and going back replays the first."""
     model, _ = loaded
     compiled = prefilling.compiled_prefill_for(model)
     ids = prompt(2 * 128 + 3)
-    names = ("FOUNDRY_QGEMM_AHEAD", "FOUNDRY_QKV_HEADS", "FOUNDRY_QGEMM")
+    names = ("FOUNDRY_QGEMM_AHEAD", "FOUNDRY_QKV_HEADS", "FOUNDRY_QGEMM", "FOUNDRY_QGEMM_SPLIT",
+             "FOUNDRY_PREFILL_ATTENTION")
     for name in names:
         monkeypatch.delenv(name, raising=False)
     mx.eval(prefilling.prefill(model, ids, model.make_cache()))
     before = compiled.traces
-    for name, value in zip(names, ("2", "0", "0")):
+    for name, value in zip(names, ("2", "0", "0", "0", "0")):
         monkeypatch.setenv(name, value)
         mx.eval(prefilling.prefill(model, ids, model.make_cache()))
-    assert compiled.traces == before + 3
+    assert compiled.traces == before + len(names)
     for name in names:
         monkeypatch.delenv(name, raising=False)
     mx.eval(prefilling.prefill(model, ids, model.make_cache()))
-    assert compiled.traces == before + 3
+    assert compiled.traces == before + len(names)
 
 
 def test_a_cache_that_is_not_fresh_runs_eagerly(loaded, switch_on, monkeypatch):

@@ -49,7 +49,7 @@ import mlx.core as mx
 from .. import kernels
 from ..config import prefill_flops
 from ..errors import FoundryError
-from ..kernels import qgemm, qkv_heads
+from ..kernels import qgemm, qkv_heads, sdpa_prefill
 from .cache import KVCache
 
 SWITCH = "FOUNDRY_PREFILL_COMPILE"
@@ -95,6 +95,11 @@ def segments(layers: int, default: int = DEFAULT_SEGMENTS) -> list[tuple[int, in
         bounds.append((start, start + size))
         start, size = start + size, size * 2
     return bounds + [(start, layers)]
+
+
+def route_switches() -> tuple[str, ...]:
+    """The settings (as set) that choose kernels while a prefill is traced: one trace per value."""
+    return (*qgemm.trace_switches(), os.environ.get(qkv_heads.SWITCH, ""), os.environ.get(sdpa_prefill.SWITCH, ""))
 
 
 def bucket(length: int) -> int:
@@ -164,7 +169,7 @@ class CompiledPrefill:
         else:
             bounds = [(0, len(cache))]
         for start, stop in bounds:
-            key = (kernels.backend_name(), *qgemm.trace_switches(), os.environ.get(qkv_heads.SWITCH, ""), start, stop)
+            key = (kernels.backend_name(), *route_switches(), start, stop)
             forward = self._compiled.get(key)
             if forward is None:
                 forward = self._compiled[key] = mx.compile(self._segment(start, stop))

@@ -1,0 +1,122 @@
+"""Causal attention of a short prompt, one launch that writes (B, L, heads·D) (experimental).
+
+Why: a 128-token prefill of the 0.5B model is bound by MLX's host time per graph node, and MLX's
+fused attention (cuDNN on CUDA) costs 25.6 µs of host time per launch on the H200 against 4.7 µs
+for a small custom kernel (benchmarks/results/h200-node-costs-d4df28f.txt); its output (B, heads,
+L, D) then takes a transpose and a reshape (a copy) to become the rows o_proj reads. This kernel
+writes those rows itself: three nodes a layer become one.
+
+Algorithm: one SIMD-group per query row (b, head, i); lane l holds dimensions l, l + 32, … of
+the row (D/32 each), so a key's score is D/32 multiply-adds and one SIMD sum. Keys 0 … S − L + i
+(causal, aligned to the end of the keys as MLX's "causal" mask is; S > L when a cache precedes
+the prompt) are walked in order with an online softmax (running max, sum and weighted values) in
+fp32; the row is divided by the sum and rounded to T once. Grouped-query heads: query head h reads
+KV head h / (heads / kv_heads). The work grows as L², so it is for short prompts only (`MAX_LENGTH`):
+longer ones keep MLX's flash attention.
+
+Off by default (FOUNDRY_PREFILL_ATTENTION=1 turns it on) until a GPU measurement says where it
+wins. The body is written once for both backends (kernels/source.py's vocabulary).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from ..errors import FoundryError
+from .qgemv_launch import Launch
+from .source import KernelSource, float_literal, literal_tag
+
+SWITCH = "FOUNDRY_PREFILL_ATTENTION"
+MAX_LENGTH = 256  # query rows up to which a prompt may take this kernel (its work is L²)
+WARPS = 4  # query rows (one per SIMD-group) a threadgroup computes
+HEAD_DIMS = (64, 128)
+
+_BODY = """
+  constexpr int PER = D / 32;                              // dimensions per lane
+  const int B = q_shape[0], L = q_shape[2], S = k_shape[2];
+  const long row = (long)group_id * WARPS + (long)warp;    // (b, head, i), i fastest
+  if (row < (long)B * HEADS * L) {
+    const int i = (int)(row % L);
+    const int head = (int)(row / L % HEADS);
+    const int b = (int)(row / L / HEADS);
+    const int kv_head = head / (HEADS / KV_HEADS);
+    const long q_at = row * D + lane;
+    float qs[PER], acc[PER];
+    UNROLL for (int e = 0; e < PER; ++e) {
+      qs[e] = static_cast<float>(q[q_at + 32 * e]) * SCALE;
+      acc[e] = 0.0f;
+    }
+    float running_max = NEG_INFINITY, running_sum = 0.0f;
+    const long kv_at = ((long)b * KV_HEADS + kv_head) * S * D + lane;
+    const int last = S - L + i;                            // causal: the keys up to this query's position
+    for (int j = 0; j <= last; ++j) {
+      float score = 0.0f;
+      UNROLL for (int e = 0; e < PER; ++e) score += qs[e] * static_cast<float>(k[kv_at + (long)j * D + 32 * e]);
+      score = SIMD_SUM(score);
+      const float next_max = score > running_max ? score : running_max;
+      const float rescale = PRECISE_EXP(running_max - next_max);
+      const float weight = PRECISE_EXP(score - next_max);
+      running_sum = running_sum * rescale + weight;
+      UNROLL for (int e = 0; e < PER; ++e)
+        acc[e] = acc[e] * rescale + weight * static_cast<float>(v[kv_at + (long)j * D + 32 * e]);
+      running_max = next_max;
+    }
+    const long out_at = (((long)b * L + i) * HEADS + head) * D + lane;
+    UNROLL for (int e = 0; e < PER; ++e) out[out_at + 32 * e] = static_cast<T>(acc[e] / running_sum);
+  }
+"""
+
+def kernel_source(scale: float) -> KernelSource:
+    """The kernel for one softmax scale (a literal in the source; template: T, D, HEADS, KV_HEADS,
+    WARPS; inputs q (B, heads, L, D), k and v (B, kv_heads, S, D), contiguous; output (B, L, heads·D))."""
+    body = _BODY.replace("SCALE", float_literal(scale))
+    return KernelSource("foundry_prefill_attention_s" + literal_tag(scale), ("q", "k", "v"), ("out",), body,
+                        "#ifndef UNROLL\n#define UNROLL _Pragma(\"unroll\")\n#endif\n")
+
+
+def launch(q: mx.array, k: mx.array, v: mx.array) -> Launch:
+    batch, heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % kv_heads:
+        raise ValueError(f"attention of q {q.shape} over k {k.shape}, v {v.shape}: shapes do not match")
+    if k.shape[2] < length:
+        raise ValueError(f"{length} queries over {k.shape[2]} keys: causal attention needs at least as many keys")
+    rows = batch * heads * length
+    groups = -(-rows // WARPS)
+    template = [("T", q.dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("WARPS", WARPS)]
+    return Launch([q, k, v], template, (groups * WARPS * 32, 1, 1), (WARPS * 32, 1, 1),
+                  (batch, length, heads * head_dim), q.dtype)
+
+
+def enabled(backend: str | None) -> bool:
+    """FOUNDRY_PREFILL_ATTENTION=1 on a GPU backend (off by default: not yet measured on a GPU)."""
+    value = os.environ.get(SWITCH, "").strip()
+    if value not in ("", "0", "1"):
+        raise FoundryError(f"{SWITCH}={value!r} is not 0 or 1; unset it for the default (MLX's attention).")
+    return backend is not None and value == "1"
+
+
+def applies(q: mx.array, mask) -> bool:
+    """A prompt this kernel serves: causal (MLX's "causal" string mask), 2 to MAX_LENGTH queries,
+    a head size of 64 or 128."""
+    return isinstance(mask, str) and mask == "causal" and 1 < q.shape[2] <= MAX_LENGTH and q.shape[3] in HEAD_DIMS
+
+
+_kernels: dict[tuple[str, float], object] = {}
+
+
+def run(backend: str, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Causal attention of q over k, v: (B, L, heads·D), as `ops.attention` returns it."""
+    kernel = _kernels.get((backend, scale))
+    if kernel is None:
+        kernel = _kernels[(backend, scale)] = kernel_source(scale).build(backend)
+    return kernel(**launch(q, k, v).arguments())[0]
+
+
+def reference(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """The twin in MLX ops: MLX's attention with the causal mask, then the rows o_proj reads."""
+    batch, _, length, _ = q.shape
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
