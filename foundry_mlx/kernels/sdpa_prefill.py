@@ -9,8 +9,8 @@ writes those rows itself: three nodes a layer become one.
 Algorithm: one SIMD-group per query row (b, head, i); lane l holds dimensions l, l + 32, … of
 the row (D/32 each), so a key's score is D/32 multiply-adds and one SIMD sum. Keys 0 … S − L + i
 (causal, aligned to the end of the keys as MLX's "causal" mask is; S > L when a cache precedes
-the prompt) are walked in order with an online softmax (running max, sum and weighted values) in
-fp32; the row is divided by the sum and rounded to T once. Grouped-query heads: query head h reads
+the prompt) are walked in order, four a step (their SIMD sums overlap instead of waiting on each
+other), with an online softmax (running max, sum and weighted values) in fp32; the row is divided by the sum and rounded to T once. Grouped-query heads: query head h reads
 KV head h / (heads / kv_heads). The work grows as L², so it is for short prompts only (`MAX_LENGTH`):
 longer ones keep MLX's flash attention.
 
@@ -35,6 +35,7 @@ HEAD_DIMS = (64, 128)
 
 _BODY = """
   constexpr int PER = D / 32;                              // dimensions per lane
+  constexpr int KEYS = 4;
   const int B = q_shape[0], L = q_shape[2], S = k_shape[2];
   const long row = (long)group_id * WARPS + (long)warp;    // (b, head, i), i fastest
   if (row < (long)B * HEADS * L) {
@@ -51,16 +52,28 @@ _BODY = """
     float running_max = NEG_INFINITY, running_sum = 0.0f;
     const long kv_at = ((long)b * KV_HEADS + kv_head) * S * D + lane;
     const int last = S - L + i;                            // causal: the keys up to this query's position
-    for (int j = 0; j <= last; ++j) {
-      float score = 0.0f;
-      UNROLL for (int e = 0; e < PER; ++e) score += qs[e] * static_cast<float>(k[kv_at + (long)j * D + 32 * e]);
-      score = SIMD_SUM(score);
-      const float next_max = score > running_max ? score : running_max;
+    for (int j0 = 0; j0 <= last; j0 += KEYS) {             // KEYS keys a step: their sums overlap
+      float score[KEYS];
+      UNROLL for (int u = 0; u < KEYS; ++u) {
+        const long at = kv_at + (long)min(j0 + u, last) * D;
+        score[u] = 0.0f;
+        UNROLL for (int e = 0; e < PER; ++e) score[u] += qs[e] * static_cast<float>(k[at + 32 * e]);
+      }
+      float step_max = NEG_INFINITY;
+      UNROLL for (int u = 0; u < KEYS; ++u) {
+        score[u] = j0 + u <= last ? SIMD_SUM(score[u]) : NEG_INFINITY;
+        step_max = score[u] > step_max ? score[u] : step_max;
+      }
+      const float next_max = step_max > running_max ? step_max : running_max;
       const float rescale = PRECISE_EXP(running_max - next_max);
-      const float weight = PRECISE_EXP(score - next_max);
-      running_sum = running_sum * rescale + weight;
-      UNROLL for (int e = 0; e < PER; ++e)
-        acc[e] = acc[e] * rescale + weight * static_cast<float>(v[kv_at + (long)j * D + 32 * e]);
+      running_sum *= rescale;
+      UNROLL for (int e = 0; e < PER; ++e) acc[e] *= rescale;
+      UNROLL for (int u = 0; u < KEYS; ++u) {
+        const float weight = PRECISE_EXP(score[u] - next_max);   // 0 past the last key
+        const long at = kv_at + (long)min(j0 + u, last) * D;
+        running_sum += weight;
+        UNROLL for (int e = 0; e < PER; ++e) acc[e] += weight * static_cast<float>(v[at + 32 * e]);
+      }
       running_max = next_max;
     }
     const long out_at = (((long)b * L + i) * HEADS + head) * D + lane;
