@@ -83,12 +83,19 @@ def norm_qkv_rope(
             k.reshape(batch, n_kv_heads, 1, head_dim),
             v.reshape(batch, n_kv_heads, 1, head_dim),
         )
-    fused = linear(mx.fast.rms_norm(x, norm_weight, eps), qkv)
-    backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+    h = mx.fast.rms_norm(x, norm_weight, eps)
+    backend, route = _gemm_route(h, qkv)
     if isinstance(offset, int) and length > 1 and qkv_heads.enabled(backend):
         # One launch for the heads-first layout and RoPE: a prefill's time on a small model is host
-        # time per graph node (engine/prefill.py), and the MLX ops below are five nodes.
-        return qkv_heads.run(backend, fused, rope.inverse_frequencies, offset, n_heads, n_kv_heads)
+        # time per graph node (engine/prefill.py), and the MLX ops below are five nodes. Where the
+        # product is split along K, that launch also sums the partials (the reduce launch's work).
+        bias = qkv.bias if "bias" in qkv else None
+        if route == "kernel" and qgemm.splits(backend, h, qkv.quantized) > 1:
+            partials = qgemm.split_partials(backend, h, qkv.quantized)
+            return qkv_heads.run_summed(backend, partials, bias, h.dtype, batch, rope.inverse_frequencies, offset,
+                                        n_heads, n_kv_heads)
+        return qkv_heads.run(backend, linear(h, qkv), rope.inverse_frequencies, offset, n_heads, n_kv_heads)
+    fused = linear(h, qkv)
     # Heads first once for Q, K and V together, RoPE once over Q's and K's heads: 5 graph nodes where
     # splitting first took 9 (a split, three reshapes, three transposes, two RoPEs).
     return qkv_heads.reference(fused, rope, offset, n_heads, n_kv_heads)

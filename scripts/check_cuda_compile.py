@@ -234,10 +234,13 @@ def compile_qgemm(args, scratch: Path) -> bool:
             types = {"partials": "float32", "bias": dtype, "residual": dtype}
             failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source, types,
                                [("y", dtype)], [("T", dtype), ("THREADS", 256)])
-        source = qkv_heads.kernel_source()  # the QKV product into heads, RoPE on Q and K
-        failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source,
-                           {"y": dtype, "inv_freq": "float32", "offset": "int32"}, [(n, dtype) for n in "qkv"],
-                           [("T", dtype), ("THREADS", 256), ("HEADS", 14), ("KV_HEADS", 2), ("D", 64)])
+        for summed, bias in ((False, False), (True, False), (True, True)):  # the QKV product into heads, RoPE
+            source = qkv_heads.kernel_source(summed, bias)
+            failed |= _compile(args, scratch, f"{source.name} {dtype}", f"{source.name}_{dtype}", source,
+                               {"y": dtype, "partials": "float32", "bias": dtype, "inv_freq": "float32",
+                                "offset": "int32"}, [(n, dtype) for n in "qkv"],
+                               [("T", dtype), ("THREADS", 256), ("HEADS", 14), ("KV_HEADS", 2), ("D", 64)]
+                               + ([("BATCH", 1)] if summed else []))
         for dim, heads, kv_heads in ((64, 14, 2), (128, 28, 4)):  # a short prompt's causal attention
             source = sdpa_prefill.kernel_source(1.0 / dim ** 0.5)
             failed |= _compile(args, scratch, f"{source.name} {dtype} D={dim}", f"{source.name}_{dtype}_{dim}", source,

@@ -211,10 +211,28 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     if split == 1:
         arguments = launch(backend, x, weight, bias, residual, tile_shape, ahead=ahead).arguments()
         return _kernel(backend, bias is not None, residual is not None, False, shared)(**arguments)[0]
-    arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
-    partials = _kernel(backend, False, False, True, shared)(**arguments)[0]
+    partials = _partials(backend, x, weight, tile_shape, split)
     arguments = reduce_launch(partials, (*x.shape[:-1], n // 2 if swiglu else n), x.dtype, bias, residual).arguments()
     return _kernel(backend, bias is not None, residual is not None, False, reduce=True, swiglu=swiglu)(**arguments)[0]
+
+
+def split_partials(backend: str, x: mx.array, weight: QuantizedWeight,
+                   tile_shape: tuple[int, int, int, int] | None = None, split: int | None = None) -> mx.array:
+    """Split-K's first launch alone: the (split, M, N) fp32 partial sums of x @ Wᵀ, for a consumer
+    that sums them itself (kernels/qkv_heads.py's `run_summed`; `run` sums them by its reduce launch)."""
+    return _partials(backend, x, weight, tile_shape, split)
+
+
+def _partials(backend: str, x: mx.array, weight: QuantizedWeight, tile_shape: tuple[int, int, int, int] | None,
+              split: int | None) -> mx.array:
+    n, k = weight.shape
+    m = x.size // k
+    tile_shape = tile_shape or tile(backend, m, n)
+    split = split_k(backend, m, n, k, tile_shape) if split is None else split
+    ahead = qgemm_ring.ahead() if backend == "cuda" else 1
+    shared = qgemm_ring.shared_bytes(tile_shape, weight.bits, ahead, x.dtype.size) if ahead > 1 else 0
+    arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
+    return _kernel(backend, False, False, True, shared)(**arguments)[0]
 
 
 REDUCE_THREADS = 256

@@ -29,7 +29,7 @@ THREADS = 256
 _BODY = """
   constexpr int HALF = D / 2;
   constexpr int ALL = HEADS + 2 * KV_HEADS;
-  const int B = y_shape[0], L = y_shape[1];
+{shape}
   const long i = (long)group_id * THREADS + (long)thread_id;
   if (i < (long)B * L * ALL * HALF) {
     const int pair = (int)(i % HALF);
@@ -37,7 +37,7 @@ _BODY = """
     const long token = i / HALF / ALL;                     // b * L + l
     const int l = (int)(token % L), b = (int)(token / L);
     const long at = token * (ALL * D) + head * D + pair;
-    const float x1 = static_cast<float>(y[at]), x2 = static_cast<float>(y[at + HALF]);
+{load}
     float r1 = x1, r2 = x2;
     if (head < HEADS + KV_HEADS) {
       const float theta = static_cast<float>(SCALAR(offset) + l) * inv_freq[pair];
@@ -58,26 +58,64 @@ _BODY = """
 """
 
 
-def kernel_source() -> KernelSource:
+_FROM_PRODUCT = ("  const int B = y_shape[0], L = y_shape[1];",
+                 "    const float x1 = static_cast<float>(y[at]), x2 = static_cast<float>(y[at + HALF]);")
+# From split-K's fp32 partials (S, B·L, N) instead of the product: each value summed in K order,
+# rounded to T, the bias added and rounded again, exactly as kernels/qgemm_source.py's reduce writes
+# the product this kernel would otherwise read, so both routes give the same bits.
+_FROM_PARTIALS = ("""  const int S = partials_shape[0], B = BATCH, L = partials_shape[1] / BATCH;
+  const long SLAB = (long)partials_shape[1] * partials_shape[2];""", """    float x1 = 0.0f, x2 = 0.0f;
+    for (int s = 0; s < S; ++s) { x1 += partials[s * SLAB + at]; x2 += partials[s * SLAB + at + HALF]; }
+    x1 = static_cast<float>(static_cast<T>(x1));
+    x2 = static_cast<float>(static_cast<T>(x2));""")
+_ADD_BIAS = """
+    x1 = static_cast<float>(static_cast<T>(x1 + static_cast<float>(bias[head * D + pair])));
+    x2 = static_cast<float>(static_cast<T>(x2 + static_cast<float>(bias[head * D + pair + HALF])));"""
+
+
+def kernel_source(summed: bool = False, bias: bool = False) -> KernelSource:
     """The kernel (template: T, THREADS, HEADS, KV_HEADS, D; inputs y (B, L, (H + 2·KV)·D), inv_freq
-    (D/2,) fp32, offset (0-d int32); outputs q, k, v)."""
-    return KernelSource("foundry_qkv_heads", ("y", "inv_freq", "offset"), ("q", "k", "v"), _BODY)
+    (D/2,) fp32, offset (0-d int32); outputs q, k, v). `summed`: from split-K's partials (S, B·L, N)
+    instead of y, with the layer's bias if `bias` (template BATCH too): the reduce launch's work."""
+    shape, load = _FROM_PARTIALS if summed else _FROM_PRODUCT
+    body = _BODY.replace("{shape}", shape).replace("{load}", load + (_ADD_BIAS if summed and bias else ""))
+    if not summed:
+        return KernelSource("foundry_qkv_heads", ("y", "inv_freq", "offset"), ("q", "k", "v"), body)
+    inputs = ("partials",) + (("bias",) if bias else ()) + ("inv_freq", "offset")
+    return KernelSource("foundry_qkv_heads_summed" + ("_bias" if bias else ""), inputs, ("q", "k", "v"), body)
 
 
 def launch(y: mx.array, inverse_frequencies: mx.array, offset: int, n_heads: int, n_kv_heads: int) -> Launch:
     """Arguments for y (B, L, (n_heads + 2·n_kv_heads)·D) at positions offset, offset + 1, …"""
     batch, length, width = y.shape
+    return _launch([y], y.dtype, batch, length, width, inverse_frequencies, offset, n_heads, n_kv_heads, [])
+
+
+def summed_launch(partials: mx.array, bias: mx.array | None, dtype: mx.Dtype, batch: int,
+                  inverse_frequencies: mx.array, offset: int, n_heads: int, n_kv_heads: int) -> Launch:
+    """Arguments for split-K's fp32 partials (S, batch·L, width) of the product, rounded to `dtype`
+    with the layer's `bias` as the reduce launch would, in place of y."""
+    _, rows, width = partials.shape
+    if rows % batch:
+        raise ValueError(f"{rows} rows of partial sums are not {batch} sequences of one length")
+    inputs = [partials] + ([bias] if bias is not None else [])
+    return _launch(inputs, dtype, batch, rows // batch, width, inverse_frequencies, offset, n_heads, n_kv_heads,
+                   [("BATCH", batch)])
+
+
+def _launch(inputs: list, dtype: mx.Dtype, batch: int, length: int, width: int, inverse_frequencies: mx.array,
+            offset: int, n_heads: int, n_kv_heads: int, extra: list) -> Launch:
     heads = n_heads + 2 * n_kv_heads
     head_dim = width // heads
     if head_dim * heads != width or head_dim % 2 or inverse_frequencies.size != head_dim // 2:
         raise ValueError(f"a QKV product of width {width} is not {heads} heads of one even size matching "
                          f"{inverse_frequencies.size} rotary frequencies")
     threads = -(-batch * length * heads * (head_dim // 2) // THREADS) * THREADS
-    template = [("T", y.dtype), ("THREADS", THREADS), ("HEADS", n_heads), ("KV_HEADS", n_kv_heads),
-                ("D", head_dim)]
+    template = [("T", dtype), ("THREADS", THREADS), ("HEADS", n_heads), ("KV_HEADS", n_kv_heads),
+                ("D", head_dim)] + extra
     kv_shape = (batch, n_kv_heads, length, head_dim)
-    return Launch([y, inverse_frequencies, scalar(offset, mx.int32)], template, (threads, 1, 1), (THREADS, 1, 1),
-                  (batch, n_heads, length, head_dim), y.dtype, ((kv_shape, y.dtype), (kv_shape, y.dtype)))
+    return Launch(inputs + [inverse_frequencies, scalar(offset, mx.int32)], template, (threads, 1, 1),
+                  (THREADS, 1, 1), (batch, n_heads, length, head_dim), dtype, ((kv_shape, dtype), (kv_shape, dtype)))
 
 
 def enabled(backend: str | None) -> bool:
@@ -91,16 +129,31 @@ def enabled(backend: str | None) -> bool:
     return value == "1" or (value == "" and backend == "cuda")
 
 
-_kernels: dict[str, object] = {}
+_kernels: dict[tuple, object] = {}
+
+
+def _kernel(backend: str, summed: bool = False, bias: bool = False):
+    kernel = _kernels.get((backend, summed, bias))
+    if kernel is None:
+        kernel = _kernels[(backend, summed, bias)] = kernel_source(summed, bias).build(backend)
+    return kernel
 
 
 def run(backend: str, y: mx.array, inverse_frequencies: mx.array, offset: int, n_heads: int,
         n_kv_heads: int) -> tuple[mx.array, mx.array, mx.array]:
     """q (B, H, L, D), k and v (B, KV, L, D) of the fused product y, RoPE on q and k."""
-    kernel = _kernels.get(backend)
-    if kernel is None:
-        kernel = _kernels[backend] = kernel_source().build(backend)
-    q, k, v = kernel(**launch(y, inverse_frequencies, offset, n_heads, n_kv_heads).arguments())
+    q, k, v = _kernel(backend)(**launch(y, inverse_frequencies, offset, n_heads, n_kv_heads).arguments())
+    return q, k, v
+
+
+def run_summed(backend: str, partials: mx.array, bias: mx.array | None, dtype: mx.Dtype, batch: int,
+               inverse_frequencies: mx.array, offset: int, n_heads: int,
+               n_kv_heads: int) -> tuple[mx.array, mx.array, mx.array]:
+    """`run` of the product that split-K's partials (S, batch·L, N) sum to (+ bias), in the same
+    launch as the sum: one graph node where the reduce launch and `run` are two."""
+    arguments = summed_launch(partials, bias, dtype, batch, inverse_frequencies, offset, n_heads,
+                              n_kv_heads).arguments()
+    q, k, v = _kernel(backend, True, bias is not None)(**arguments)
     return q, k, v
 
 

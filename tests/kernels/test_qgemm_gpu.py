@@ -62,8 +62,9 @@ def test_prefill_logits_through_each_route_match_mlx(monkeypatch, switch, module
     dequantize + dense matmul) vs MLX's quantized_matmul (FOUNDRY_QGEMM=0). All round to float16
     after every product and differ only in accumulation order and where rounding happens; over 24
     layers that stays within 2% of the logits' scale (the decode kernels' bound in
-    tests/kernels/test_kernels_gpu.py). The route's `run` is counted so a routing slip that
-    silently falls back to MLX fails."""
+    tests/kernels/test_kernels_gpu.py). The route's products are counted (`run`, and for the kernel
+    `split_partials` too: a split QKV product's partials go to the summed heads kernel) so a routing
+    slip that silently falls back to MLX fails."""
     from foundry_mlx.random_model import make_random_model
 
     model, _ = make_random_model("qwen2.5-0.5b", "4bit", mx.float16, seed=4)
@@ -71,6 +72,9 @@ def test_prefill_logits_through_each_route_match_mlx(monkeypatch, switch, module
     calls = []
     original = module.run
     monkeypatch.setattr(module, "run", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    if module is qgemm:
+        partials = qgemm.split_partials
+        monkeypatch.setattr(qgemm, "split_partials", lambda *args, **kw: calls.append(1) or partials(*args, **kw))
     logits = {}
     for value in ("0", switch):
         monkeypatch.setenv("FOUNDRY_QGEMM", value)

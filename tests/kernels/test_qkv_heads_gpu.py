@@ -37,3 +37,26 @@ def test_heads_match_the_mlx_ops(heads, kv_heads, dim, length, offset, dtype):
         np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
         same = np.mean(got == want)
         assert same > 0.9, f"only {same:.1%} of the elements equal mx.fast.rope's"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_summed_heads_equal_the_reduce_launch_then_the_heads(bias):
+    """The 0.5B's QKV product at 128 rows split along K: the summed heads kernel gives the bits of
+    the reduce launch followed by the heads kernel (qgemm.run, then qkv_heads.run)."""
+    from foundry_mlx.kernels import qgemm
+
+    from .qgemm_cases import Case, make_inputs
+
+    backend = kernels.gpu_backend()
+    if backend != "cuda":
+        pytest.skip("split-K is CUDA's")
+    inputs = make_inputs(Case(128, 896 + 2 * 128, 896, bias=bias))
+    x, weight = inputs["x"].reshape(1, 128, 896), inputs["weight"]
+    layer_bias = inputs["bias"] if bias else None
+    rope = RoPE(64, 1000000.0)
+    partials = qgemm.split_partials(backend, x, weight, split=4)
+    ours = qkv_heads.run_summed(backend, partials, layer_bias, x.dtype, 1, rope.inverse_frequencies, 0, 14, 2)
+    product = qgemm.run(backend, x, weight, bias=layer_bias, split=4)
+    expected = qkv_heads.run(backend, product, rope.inverse_frequencies, 0, 14, 2)
+    for got, want in zip(ours, expected):
+        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))

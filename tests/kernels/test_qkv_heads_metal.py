@@ -111,3 +111,68 @@ def test_norm_qkv_rope_routes_prompts_to_the_kernel(monkeypatch, length, offset,
     fused = ops.linear(mx.fast.rms_norm(x, norm, 1e-6), qkv)
     for got, want in zip((q, k, v), qkv_heads.reference(fused, rope, offset, heads, kv_heads)):
         np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_summed_variant_equals_the_reduce_launch_then_the_heads(bias):
+    """From split-K's partials (3 slabs) the summed variant gives, bit for bit, what the reduce
+    launch (kernels/qgemm_source.py) followed by the heads kernel gives: the same sums, roundings
+    and bias, in one launch."""
+    from foundry_mlx.kernels import qgemm, qgemm_source
+
+    heads, kv_heads, dim, batch, length = 3, 1, 8, 2, 5
+    width = (heads + 2 * kv_heads) * dim
+    rng = np.random.default_rng(7)
+    partials = mx.array(rng.normal(size=(3, batch * length, width)).astype(np.float32))
+    b = mx.array(rng.normal(size=width).astype(np.float16)) if bias else None
+    rope = RoPE(dim, 10000.0)
+    launch = qkv_heads.summed_launch(partials, b, mx.float16, batch, rope.inverse_frequencies, 4, heads, kv_heads)
+    ours = run_source(qkv_heads.kernel_source(summed=True, bias=bias), launch.arguments())
+    reduce = qgemm.reduce_launch(partials, (batch, length, width), mx.float16, b)
+    (y,) = run_source(qgemm_source.reduce_source(bias=bias), reduce.arguments())
+    two_launches = run_source(qkv_heads.kernel_source(),
+                              qkv_heads.launch(mx.array(y), rope.inverse_frequencies, 4, heads, kv_heads).arguments())
+    for got, want in zip(ours, two_launches):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_norm_qkv_rope_sums_split_partials_in_the_heads_launch(monkeypatch):
+    """Where the QKV product takes our GEMM split along K, `ops.norm_qkv_rope` launches the split
+    GEMM and then the summed heads kernel (here on the simulator), never the reduce launch; the
+    values are the reference path's (partials made from the reference product)."""
+    from foundry_mlx.kernels import qgemm
+
+    heads, kv_heads, dim, hidden, length = 2, 1, 8, 16, 6
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.normal(size=(1, length, hidden)).astype(np.float32)).astype(mx.float16)
+    qkv = Linear(mx.array(rng.normal(size=((heads + 2 * kv_heads) * dim, hidden)).astype(np.float32) * 0.3
+                          ).astype(mx.float16), bias=mx.array(rng.normal(size=(heads + 2 * kv_heads) * dim)
+                                                             ).astype(mx.float16))
+    rope, norm = RoPE(dim, 10000.0), mx.ones((hidden,), dtype=mx.float16)
+    calls = []
+
+    def split_partials(backend, h, weight):
+        calls.append("split")
+        y = np.array(h.astype(mx.float32) @ qkv.weight.astype(mx.float32).T).reshape(length, -1)
+        return mx.array(np.stack([y * 0.5, y * 0.5]))
+
+    def run_summed(backend, partials, bias, dtype, batch, inverse_frequencies, offset, n_heads, n_kv_heads):
+        calls.append("summed")
+        launch = qkv_heads.summed_launch(partials, bias, dtype, batch, inverse_frequencies, offset, n_heads,
+                                         n_kv_heads)
+        return [mx.array(a) for a in run_source(qkv_heads.kernel_source(True, bias is not None), launch.arguments())]
+
+    monkeypatch.setenv(qkv_heads.SWITCH, "1")
+    monkeypatch.setattr(ops.kernels, "active", lambda: _FakeKernelSet())
+    monkeypatch.setattr(ops, "_decode_kernels", lambda batch, length: None)
+    monkeypatch.setattr(ops, "_gemm_route", lambda h, layer: ("metal", "kernel"))
+    monkeypatch.setattr(qgemm, "splits", lambda *args: 2)
+    monkeypatch.setattr(qgemm, "split_partials", split_partials)
+    monkeypatch.setattr(qkv_heads, "run_summed", run_summed)
+    q, k, v = ops.norm_qkv_rope(x, norm, 1e-6, qkv, rope, 0, heads, kv_heads)
+    assert calls == ["split", "summed"]
+    fused = (mx.fast.rms_norm(x, norm, 1e-6).astype(mx.float32) @ qkv.weight.astype(mx.float32).T).astype(
+        mx.float16) + qkv.bias
+    for got, want in zip((q, k, v), qkv_heads.reference(fused, rope, 0, heads, kv_heads)):
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)),
+                                   rtol=2**-9, atol=2**-9)
