@@ -2,7 +2,8 @@
 # On the device machine (H200): one round of prefill GEMM work in one call, results in $OUT/results.tgz.
 #   REVISION=<commit> BASE=.ab/base bash benchmarks/device_prefill_ab.sh
 # BASE: a copy of an earlier foundry_mlx package to compare against (made here with
-#   `mkdir -p .ab/base && git archive <commit> foundry_mlx | tar -x -C .ab/base`; untracked, it travels).
+#   `mkdir -p .ab/base && git archive <commit> foundry_mlx | tar -x -C .ab/base`; git-ignored, so the
+#   device call must carry it: carry [".device/b", ".ab"]).
 # 1. GPU tests of the GEMM (TEST_FILES, default tests/kernels/test_qgemm_gpu.py; TEST_FILTER: -k) unless TESTS=0.
 # 2. Prefill alone (benchmarks/prefill_compile_bench.py, compiled, buffers kept) of the 7B and the
 #    0.5B at LENGTHS (default 128), this tree against BASE in alternation (this, base, this, base),

@@ -1,1 +1,0 @@
-"""The engine: KV cache, sampling, and the prefill/decode loop."""
