@@ -41,13 +41,25 @@ def linear(x: mx.array, layer: Linear, residual: mx.array | None = None) -> mx.a
     return y if residual is None else residual + y
 
 
+def _kernel_backend() -> str | None:
+    """The active GPU kernel backend ('metal' or 'cuda'), or None on the reference path."""
+    kernel_set = kernels.active()
+    return None if kernel_set is None else kernel_set.backend
+
+
 def _gemm_route(x: mx.array, layer: Linear) -> tuple[str | None, str]:
     """(GPU kernel backend or None, route) of a quantized product of several rows (a prefill's):
     "kernel" (kernels/qgemm.py), "dense" (kernels/qgemm_dense.py) or "mlx" (`quantized_matmul`)."""
-    backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+    backend = _kernel_backend()
     if layer.bits is None or x.ndim < 2 or x.size == x.shape[-1]:
         return backend, "mlx"
     return backend, qgemm.route(backend, x, layer.quantized)
+
+
+def _split_on_kernel(backend: str | None, route: str, x: mx.array, layer: Linear) -> bool:
+    """Whether this product runs on our GEMM split along K: then the launch that sums its partials
+    can also do the step after the product (the SwiGLU activation, the QKV heads)."""
+    return route == "kernel" and qgemm.splits(backend, x, layer.quantized) > 1
 
 
 def norm_linear(x: mx.array, norm_weight: mx.array, eps: float, layer: Linear) -> mx.array:
@@ -90,7 +102,7 @@ def norm_qkv_rope(
         # time per graph node (engine/prefill.py), and the MLX ops below are five nodes. Where the
         # product is split along K, that launch also sums the partials (the reduce launch's work).
         bias = qkv.bias if "bias" in qkv else None
-        if route == "kernel" and qgemm.splits(backend, h, qkv.quantized) > 1:
+        if _split_on_kernel(backend, route, h, qkv):
             partials = qgemm.split_partials(backend, h, qkv.quantized)
             return qkv_heads.run_summed(backend, partials, bias, h.dtype, batch, rope.inverse_frequencies, offset,
                                         n_heads, n_kv_heads)
@@ -108,7 +120,7 @@ def norm_swiglu(x: mx.array, norm_weight: mx.array, eps: float, gate_up: Linear)
         return custom.linear(x, gate_up, norm_weight=norm_weight, eps=eps, swiglu=True)
     h = mx.fast.rms_norm(x, norm_weight, eps)
     backend, route = _gemm_route(h, gate_up)
-    if route == "kernel" and "bias" not in gate_up and qgemm.splits(backend, h, gate_up.quantized) > 1:
+    if "bias" not in gate_up and _split_on_kernel(backend, route, h, gate_up):
         # Split-K's sum applies the activation: one graph node where the split and MLX's fused
         # element-wise chain below are two (a short prefill's time is host time per node).
         return qgemm.run(backend, h, gate_up.quantized, swiglu=True)
@@ -127,7 +139,7 @@ def attention(
     custom = _decode_kernels(q.shape[0], q.shape[2])
     if custom is not None and cache is not None and custom.supports_attention(q.shape[-1]):
         return custom.decode_attention(q, cache.keys, cache.values, cache.valid_length(), scale)
-    backend = None if (kernel_set := kernels.active()) is None else kernel_set.backend
+    backend = _kernel_backend()
     if sdpa_prefill.enabled(backend) and sdpa_prefill.applies(q, mask):
         return sdpa_prefill.run(backend, q, k, v, scale)  # one node for the three below (experimental)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

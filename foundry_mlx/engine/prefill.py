@@ -128,8 +128,9 @@ class _TraceCache:
 
 
 class CompiledPrefill:
-    """A model's compiled prefill: one `mx.compile` per kernel backend, quantized-GEMM switches
-    (both decide routes while tracing) and layer segment, and within it one trace per bucket."""
+    """A model's compiled prefill: one `mx.compile` per kernel backend, route switches
+    (`route_switches`: all decide kernels while tracing) and layer segment, and within it one trace
+    per bucket."""
 
     def __init__(self, model) -> None:
         self.model = model

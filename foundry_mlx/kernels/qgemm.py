@@ -16,6 +16,7 @@ kernels/qgemm_dense.py) wins.
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlx.core as mx
@@ -200,18 +201,14 @@ def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | Non
     (`reduce_launch`), rounded to T and given the bias and residual as the unsplit epilogue does.
     `swiglu` (split launches only, no bias or residual): that sum also applies the activation of a
     [gate; up] product, y (..., N/2) = silu(gate) * up, one graph node where MLX ops take two."""
-    n, k = weight.shape
-    m = x.size // k
-    tile_shape = tile_shape or tile(backend, m, n)
-    split = split_k(backend, m, n, k, tile_shape) if split is None else split
+    n = weight.shape[0]
+    tile_shape, split, ahead, shared = _plan(backend, x, weight, tile_shape, split)
     if swiglu and (split == 1 or bias is not None or residual is not None):
         raise ValueError("the SwiGLU activation is applied by split-K's sum, of a product with no bias or residual")
-    ahead = qgemm_ring.ahead() if backend == "cuda" else 1
-    shared = qgemm_ring.shared_bytes(tile_shape, weight.bits, ahead, x.dtype.size) if ahead > 1 else 0
     if split == 1:
         arguments = launch(backend, x, weight, bias, residual, tile_shape, ahead=ahead).arguments()
         return _kernel(backend, bias is not None, residual is not None, False, shared)(**arguments)[0]
-    partials = _partials(backend, x, weight, tile_shape, split)
+    partials = _partials(backend, x, weight, tile_shape, split, ahead, shared)
     arguments = reduce_launch(partials, (*x.shape[:-1], n // 2 if swiglu else n), x.dtype, bias, residual).arguments()
     return _kernel(backend, bias is not None, residual is not None, False, reduce=True, swiglu=swiglu)(**arguments)[0]
 
@@ -220,17 +217,24 @@ def split_partials(backend: str, x: mx.array, weight: QuantizedWeight,
                    tile_shape: tuple[int, int, int, int] | None = None, split: int | None = None) -> mx.array:
     """Split-K's first launch alone: the (split, M, N) fp32 partial sums of x @ Wᵀ, for a consumer
     that sums them itself (kernels/qkv_heads.py's `run_summed`; `run` sums them by its reduce launch)."""
-    return _partials(backend, x, weight, tile_shape, split)
+    return _partials(backend, x, weight, *_plan(backend, x, weight, tile_shape, split))
 
 
-def _partials(backend: str, x: mx.array, weight: QuantizedWeight, tile_shape: tuple[int, int, int, int] | None,
-              split: int | None) -> mx.array:
+def _plan(backend: str, x: mx.array, weight: QuantizedWeight, tile_shape: tuple[int, int, int, int] | None,
+          split: int | None) -> tuple[tuple[int, int, int, int], int, int, int]:
+    """(tile, K ranges, ring depth, dynamic shared bytes) of one product: the given tile and split,
+    else `tile`'s and `split_k`'s choice."""
     n, k = weight.shape
     m = x.size // k
     tile_shape = tile_shape or tile(backend, m, n)
     split = split_k(backend, m, n, k, tile_shape) if split is None else split
     ahead = qgemm_ring.ahead() if backend == "cuda" else 1
     shared = qgemm_ring.shared_bytes(tile_shape, weight.bits, ahead, x.dtype.size) if ahead > 1 else 0
+    return tile_shape, split, ahead, shared
+
+
+def _partials(backend: str, x: mx.array, weight: QuantizedWeight, tile_shape: tuple[int, int, int, int], split: int,
+              ahead: int, shared: int) -> mx.array:
     arguments = launch(backend, x, weight, tile_shape=tile_shape, split=split, ahead=ahead).arguments()
     return _kernel(backend, False, False, True, shared)(**arguments)[0]
 
@@ -244,10 +248,7 @@ def reduce_launch(partials: mx.array, shape: tuple[int, ...], dtype, bias: mx.ar
     of `dtype` (M·N elements, or M·N/2 for the SwiGLU sum), with the bias and the residual (of that
     size) added."""
     inputs = [partials] + ([bias] if bias is not None else []) + ([residual] if residual is not None else [])
-    elements = 1
-    for size in shape:
-        elements *= size
-    threads = -(-elements // REDUCE_THREADS) * REDUCE_THREADS
+    threads = -(-math.prod(shape) // REDUCE_THREADS) * REDUCE_THREADS
     return Launch(inputs, [("T", dtype), ("THREADS", REDUCE_THREADS)], (threads, 1, 1), (REDUCE_THREADS, 1, 1),
                   shape, dtype)
 

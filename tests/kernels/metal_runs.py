@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from foundry_mlx.kernels.metal_sim import bfloat16_array, run_metal_kernel
+from foundry_mlx.kernels.metal_sim import bfloat16_array, bfloat16_to_float32, run_metal_kernel
 from foundry_mlx.kernels.source import KernelSource
 
 
@@ -14,6 +14,11 @@ def to_numpy(array: mx.array):
     if array.dtype == mx.bfloat16:
         return bfloat16_array(np.array(array.astype(mx.float32)))
     return np.array(array)
+
+
+def as_float32(output: np.ndarray) -> np.ndarray:
+    """A harness output as float32 (its bfloat16 comes back as uint16 bit patterns)."""
+    return bfloat16_to_float32(output) if output.dtype == np.uint16 else output.astype(np.float32)
 
 
 def run_source(source: KernelSource, arguments: dict, **options) -> list[np.ndarray]:

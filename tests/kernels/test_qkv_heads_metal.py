@@ -10,15 +10,9 @@ import pytest
 
 from foundry_mlx import ops
 from foundry_mlx.kernels import qkv_heads
-from foundry_mlx.kernels.metal_sim import bfloat16_to_float32
 from foundry_mlx.layers import Linear, RoPE
 
-from .metal_runs import run_source
-
-
-def _as_float(array) -> np.ndarray:
-    """The harness's output as float32 (its bfloat16 comes as uint16 bit patterns)."""
-    return bfloat16_to_float32(array) if array.dtype == np.uint16 else array.astype(np.float32)
+from .metal_runs import as_float32, run_source
 
 
 def _case(batch, length, heads, kv_heads, dim, dtype, scaling=None, seed=0):
@@ -29,7 +23,7 @@ def _case(batch, length, heads, kv_heads, dim, dtype, scaling=None, seed=0):
 
 def _run(y, rope, offset, heads, kv_heads):
     launch = qkv_heads.launch(y, rope.inverse_frequencies, offset, heads, kv_heads)
-    return [_as_float(out) for out in run_source(qkv_heads.kernel_source(), launch.arguments())]
+    return [as_float32(out) for out in run_source(qkv_heads.kernel_source(), launch.arguments())]
 
 
 @pytest.mark.parametrize("batch, length, heads, kv_heads, dim, dtype, offset, scaling", [

@@ -12,9 +12,8 @@ import pytest
 
 from foundry_mlx import ops
 from foundry_mlx.kernels import sdpa_prefill
-from foundry_mlx.kernels.metal_sim import bfloat16_to_float32
 
-from .metal_runs import run_source
+from .metal_runs import as_float32, run_source
 
 
 def _inputs(batch, heads, kv_heads, length, keys, dim, dtype, seed=0):
@@ -28,7 +27,7 @@ def _inputs(batch, heads, kv_heads, length, keys, dim, dtype, seed=0):
 
 def _run(q, k, v, scale):
     (out,) = run_source(sdpa_prefill.kernel_source(scale), sdpa_prefill.launch(q, k, v).arguments())
-    return bfloat16_to_float32(out) if out.dtype == np.uint16 else out.astype(np.float32)
+    return as_float32(out)
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, length, keys, dim, dtype", [
