@@ -14,6 +14,33 @@ from __future__ import annotations
 
 from .qgemv import LOAD_WORDS_CUDA
 
+# The tensor cores' m16n8k16 multiply (fp32 accumulate) for both half types, and two floats rounded
+# into a T pair: shared with the prefill attention (kernels/sdpa_prefill.py).
+MMA_CUDA = """template <typename T> __device__ void foundry_mma(float* c, const unsigned* a, const unsigned* b);
+template <> __device__ __forceinline__ void foundry_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void foundry_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+"""
+PACK2_CUDA = """template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
+template <> __device__ __forceinline__ unsigned int foundry_pack2<__half>(float a, float b) {
+  const __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned int*>(&pair);
+}
+template <> __device__ __forceinline__ unsigned int foundry_pack2<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const unsigned int*>(&pair);
+}
+"""
+
 HEADER = {
     "cuda": """
 #define TILE_T T
@@ -37,29 +64,7 @@ __device__ __forceinline__ void foundry_ldmatrix_x4(unsigned* r, const void* poi
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
 }
-template <typename T> __device__ void foundry_mma(float* c, const unsigned* a, const unsigned* b);
-template <> __device__ __forceinline__ void foundry_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void foundry_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-""" + LOAD_WORDS_CUDA + """template <typename T> __device__ unsigned int foundry_pack2(float a, float b);
-template <> __device__ __forceinline__ unsigned int foundry_pack2<__half>(float a, float b) {
-  const __half2 pair = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const unsigned int*>(&pair);
-}
-template <> __device__ __forceinline__ unsigned int foundry_pack2<__nv_bfloat16>(float a, float b) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const unsigned int*>(&pair);
-}
-// V values rounded to T, stored 8 at a time (16-byte stores: rows of LD = 40 are conflict-free).
+""" + MMA_CUDA + LOAD_WORDS_CUDA + PACK2_CUDA + """// V values rounded to T, stored 8 at a time (16-byte stores: rows of LD = 40 are conflict-free).
 template <typename T, int V>
 __device__ __forceinline__ void foundry_store_values(T* target, const float* values) {
 #pragma unroll

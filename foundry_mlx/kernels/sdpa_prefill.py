@@ -14,8 +14,13 @@ other), with an online softmax (running max, sum and weighted values) in fp32; t
 KV head h / (heads / kv_heads). The work grows as L², so it is for short prompts only (`MAX_LENGTH`):
 longer ones keep MLX's flash attention.
 
+That SIMD-group-per-row body is written in both backends' vocabulary (kernels/source.py) and is
+what Metal runs; on the H200 it cost more GPU time than it saved host time
+(benchmarks/results/h200-prefill-ab-6eb4c44.txt), so CUDA runs kernels/sdpa_prefill_mma.py instead:
+the same attention, its products on the tensor cores. `run` picks by backend.
+
 Off by default (FOUNDRY_PREFILL_ATTENTION=1 turns it on) until a GPU measurement says where it
-wins. The body is written once for both backends (kernels/source.py's vocabulary).
+wins.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import mlx.core as mx
 
 from ..errors import FoundryError
+from . import sdpa_prefill_mma
 from .qgemv_launch import Launch
 from .source import KernelSource, float_literal, literal_tag
 
@@ -90,12 +96,9 @@ def kernel_source(scale: float) -> KernelSource:
 
 
 def launch(q: mx.array, k: mx.array, v: mx.array) -> Launch:
+    sdpa_prefill_mma.check_shapes(q, k, v)
     batch, heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % kv_heads:
-        raise ValueError(f"attention of q {q.shape} over k {k.shape}, v {v.shape}: shapes do not match")
-    if k.shape[2] < length:
-        raise ValueError(f"{length} queries over {k.shape[2]} keys: causal attention needs at least as many keys")
     rows = batch * heads * length
     groups = -(-rows // WARPS)
     template = [("T", q.dtype), ("D", head_dim), ("HEADS", heads), ("KV_HEADS", kv_heads), ("WARPS", WARPS)]
@@ -121,11 +124,15 @@ _kernels: dict[tuple[str, float], object] = {}
 
 
 def run(backend: str, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Causal attention of q over k, v: (B, L, heads·D), as `ops.attention` returns it."""
+    """Causal attention of q over k, v: (B, L, heads·D), as `ops.attention` returns it: on the tensor
+    cores on CUDA (sdpa_prefill_mma.py), one SIMD-group per query row elsewhere."""
+    tensor_cores = backend == "cuda"
     kernel = _kernels.get((backend, scale))
     if kernel is None:
-        kernel = _kernels[(backend, scale)] = kernel_source(scale).build(backend)
-    return kernel(**launch(q, k, v).arguments())[0]
+        source = sdpa_prefill_mma.kernel_source(scale) if tensor_cores else kernel_source(scale)
+        kernel = _kernels[(backend, scale)] = source.build(backend)
+    launched = sdpa_prefill_mma.launch(q, k, v) if tensor_cores else launch(q, k, v)
+    return kernel(**launched.arguments())[0]
 
 
 def reference(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

@@ -1,6 +1,7 @@
-"""The short-prompt causal attention kernel (kernels/sdpa_prefill.py) on a real GPU backend against
-MLX's attention (cuDNN on CUDA) at the real head layouts of Qwen2.5 0.5B (14 heads over 2, D 64) and
-7B (28 over 4, D 128). Marked `gpu` (tests/conftest.py). Tolerance: one rounding of T plus fp32
+"""The short-prompt causal attention kernel (kernels/sdpa_prefill.py; on CUDA its tensor-core
+rendition, kernels/sdpa_prefill_mma.py) on a real GPU backend against MLX's attention (cuDNN on
+CUDA) at the real head layouts of Qwen2.5 0.5B (14 heads over 2, D 64) and 7B (28 over 4, D 128),
+with lengths that are not a multiple of the 16-row tile, a batch of two and cached keys first. Marked `gpu` (tests/conftest.py). Tolerance: one rounding of T plus fp32
 summation order (both accumulate in fp32)."""
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ from foundry_mlx.kernels import sdpa_prefill
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim, length, keys, dtype", [
-    (14, 2, 64, 128, 128, mx.float16), (28, 4, 128, 128, 128, mx.float16), (14, 2, 64, 16, 16, mx.bfloat16),
-    (28, 4, 128, 256, 256, mx.bfloat16), (14, 2, 64, 100, 300, mx.float16),  # 200 cached positions first
+@pytest.mark.parametrize("batch, heads, kv_heads, dim, length, keys, dtype", [
+    (1, 14, 2, 64, 128, 128, mx.float16), (1, 28, 4, 128, 128, 128, mx.float16), (1, 14, 2, 64, 16, 16, mx.bfloat16),
+    (1, 28, 4, 128, 256, 256, mx.bfloat16), (1, 14, 2, 64, 100, 300, mx.float16),  # 200 cached positions first
+    (2, 14, 2, 64, 37, 37, mx.float16), (1, 28, 4, 128, 2, 9, mx.bfloat16), (2, 28, 4, 128, 77, 77, mx.float16),
 ])
-def test_attention_matches_mlx(heads, kv_heads, dim, length, keys, dtype):
+def test_attention_matches_mlx(batch, heads, kv_heads, dim, length, keys, dtype):
     rng = np.random.default_rng(length + keys)
 
     def make(*shape):
         return mx.array(rng.normal(size=shape).astype(np.float32)).astype(dtype)
 
-    q, k, v = make(1, heads, length, dim), make(1, kv_heads, keys, dim), make(1, kv_heads, keys, dim)
+    q, k, v = make(batch, heads, length, dim), make(batch, kv_heads, keys, dim), make(batch, kv_heads, keys, dim)
     scale = 1.0 / math.sqrt(dim)
     ours = np.array(sdpa_prefill.run(kernels.gpu_backend(), q, k, v, scale).astype(mx.float32))
     expected = np.array(sdpa_prefill.reference(q, k, v, scale).astype(mx.float32))

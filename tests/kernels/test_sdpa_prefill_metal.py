@@ -111,3 +111,38 @@ def test_ops_attention_takes_the_kernel_when_on(monkeypatch):
     assert calls == ["metal"] and ours.shape == (1, 6, 256)
     np.testing.assert_allclose(np.array(ours.astype(mx.float32)), np.array(expected.astype(mx.float32)),
                                rtol=2**-9, atol=2**-9)
+
+
+def test_each_backend_runs_its_rendition(monkeypatch):
+    """CUDA builds the tensor-core kernel (kernels/sdpa_prefill_mma.py: a 32-thread block per 16
+    query rows of each batch row and head), Metal the SIMD-group-per-row one; the CUDA rendition's
+    values are checked on the GPU (tests/kernels/test_sdpa_prefill_gpu.py)."""
+    from foundry_mlx.kernels import source as kernel_source_module
+
+    built, launched = [], []
+
+    def build(source, backend, shared_memory=0):
+        built.append((backend, source.name))
+
+        def kernel(**arguments):
+            launched.append((backend, arguments["grid"], arguments["threadgroup"]))
+            return [mx.zeros(arguments["output_shapes"][0], arguments["output_dtypes"][0])]
+        return kernel
+
+    monkeypatch.setattr(kernel_source_module.KernelSource, "build", build)
+    monkeypatch.setattr(sdpa_prefill, "_kernels", {})
+    q, k, v = _inputs(2, 4, 2, 37, 40, 64, mx.float16)
+    for backend in ("cuda", "metal"):
+        assert sdpa_prefill.run(backend, q, k, v, 0.125).shape == (2, 37, 256)
+    assert [b for b, _ in built] == ["cuda", "metal"]
+    assert "mma" in built[0][1] and "mma" not in built[1][1]
+    assert launched[0] == ("cuda", (2 * 4 * 3 * 32, 1, 1), (32, 1, 1))  # 37 rows: three 16-row tiles
+
+
+def test_tensor_core_launch_refuses_mismatched_shapes():
+    from foundry_mlx.kernels import sdpa_prefill_mma
+
+    with pytest.raises(ValueError, match="do not match"):
+        sdpa_prefill_mma.launch(*_inputs(1, 3, 2, 4, 4, 64, mx.float16))
+    with pytest.raises(ValueError, match="at least as many keys"):
+        sdpa_prefill_mma.launch(*_inputs(1, 2, 1, 6, 4, 64, mx.float16))
