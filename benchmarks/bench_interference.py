@@ -11,6 +11,7 @@ buffers kept) after each kind of neighbour in turn, so the one that slows it sho
   after mlx-lm, gc the same with a `gc.collect()` before foundry's run
   after mlx-lm, sync the same with `mx.synchronize()` on every stream mlx-lm used
   after mlx-lm prefill only: mlx-lm's neighbour run without its decode
+  after 50 ms idle the host and GPU idle for about an mlx-lm run's time (clocks ramping down?)
 Medians and minima of tok/s; CUDA or Metal.
 """
 
@@ -20,6 +21,7 @@ import argparse
 import gc
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -60,7 +62,8 @@ def main() -> None:
         gc.collect()
 
     scenarios = {"alone": None, "after mlx-lm": mlx_lm_full, "after mlx-lm, gc": collected,
-                 "after mlx-lm, sync": synchronized, "after mlx-lm prefill only": mlx_lm_prefill}
+                 "after mlx-lm, sync": synchronized, "after mlx-lm prefill only": mlx_lm_prefill,
+                 "after 50 ms idle": lambda: time.sleep(0.05)}
     for engine in (ours, theirs):  # warm-up: compiles kernels and traces
         bench._timed_stream(engine, prompt, args.decode + 1, clear_cache=False)
     print(f"{args.path}: foundry-mlx prefill of {args.length} tokens, tok/s (median [min]) over {args.trials} runs")
