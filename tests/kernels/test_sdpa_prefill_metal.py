@@ -74,8 +74,9 @@ def test_applies_to_short_causal_prompts(length, dim, mask, served):
     assert sdpa_prefill.applies(mx.zeros((1, 2, length, dim)), mask) is served
 
 
-@pytest.mark.parametrize("value, backend, on", [("", "cuda", False), ("1", "cuda", True), ("1", "metal", True),
-                                                ("1", None, False), ("0", "cuda", False)])
+@pytest.mark.parametrize("value, backend, on", [("", "cuda", True), ("", "metal", False), ("1", "cuda", True),
+                                                ("1", "metal", True), ("1", None, False), ("", None, False),
+                                                ("0", "cuda", False)])
 def test_switch(monkeypatch, value, backend, on):
     monkeypatch.setenv(sdpa_prefill.SWITCH, value)
     assert sdpa_prefill.enabled(backend) is on
