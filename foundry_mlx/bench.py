@@ -4,6 +4,11 @@ Both engines are driven through their public streaming APIs with the same random
 timed by the same clock here: prefill speed is prompt length / time to first token; decode speed
 is (tokens - 1) / (time of the last token - time of the first), end-of-sequence ignored. Trials
 interleave the engines (foundry, mlx-lm, foundry, …) so drift in clocks or temperature hits both.
+With `back_to_back`, each timed run follows an untimed run of the same engine and request, as
+llama-bench's repetitions follow each other: a short prefill is bound by host time, and right after
+the other engine's run it measured ~20% slower (CPU caches and branch history holding the other
+engine's path: 0.5B pp128 23,680 alone against 19,203 after an mlx-lm run, H200,
+benchmarks/results/h200-bench-interference-04f9370.txt).
 Achieved bandwidth is the bytes one decode step must read (every weight once, one embedding row,
 the KV cache at that depth) times tokens per second; a prefill's achieved rate is its arithmetic
 (`prefill_flops`) over the time to first token, in TFLOP/s.
@@ -39,6 +44,8 @@ class BenchConfig:
     # as a process's first request does); False keeps them, as a server's later requests and
     # llama-bench's repeated runs do.
     clear_cache: bool = True
+    # An untimed run of the same engine and request right before each timed one (see the docstring).
+    back_to_back: bool = False
 
 
 @dataclass
@@ -159,10 +166,14 @@ def run(engines: list[Engine], config: BenchConfig, vocab_size: int, log: Callab
     for trial in range(config.trials):
         for engine in engines:  # interleaved: every trial runs each engine once per setting
             for length in config.prompt_lengths:
+                if config.back_to_back:
+                    _timed_stream(engine, prompt[:length], 1, config.clear_cache)
                 ttft, _, _, peak = _timed_stream(engine, prompt[:length], 1, config.clear_cache)
                 record(engine, "prefill", length, length / ttft, ttft, peak)
                 log(f"trial {trial + 1} {engine.name:28s} prefill {length:5d}: {length / ttft:9.1f} tok/s")
             for depth in config.depths:
+                if config.back_to_back:
+                    _timed_stream(engine, prompt[: max(depth, 1)], config.decode_tokens + 1, config.clear_cache)
                 ttft, span, count, peak = _timed_stream(engine, prompt[: max(depth, 1)], config.decode_tokens + 1,
                                                         config.clear_cache)
                 tps = (count - 1) / span

@@ -44,9 +44,13 @@ def _step_name(fused) -> str:
 @click.option("--keep-buffers", is_flag=True,
               help="Keep MLX's buffer cache between timed runs (as a server's later requests and llama-bench's "
                    "repeated runs do) instead of freeing it before each, as a process's first request sees it.")
+@click.option("--back-to-back", is_flag=True,
+              help="Precede each timed run with an untimed run of the same engine and request, as llama-bench's "
+                   "repetitions follow each other (engines still alternate by trial). A short prefill is bound by "
+                   "host time and measures ~20% slower right after the other engine's run.")
 @user_errors
 def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int, out_prefix: str | None,
-          decode_step: str, keep_buffers: bool, **options) -> None:
+          decode_step: str, keep_buffers: bool, back_to_back: bool, **options) -> None:
     """Benchmark foundry-mlx against stock mlx-lm on identical weights.
 
     A GGUF model is converted (as `convert` does) into a temporary MLX directory for mlx-lm, so both
@@ -75,7 +79,8 @@ def bench(engines: str, prompt_lengths, depths, decode_tokens: int, trials: int,
     select_decode_step(decode_step)
     model, tokenizer, _ = _load(options)
     check_decode_step(decode_step, model, kernels.backend_name())
-    config = benchmark.BenchConfig(prompt_lengths, depths, decode_tokens, trials, clear_cache=not keep_buffers)
+    config = benchmark.BenchConfig(prompt_lengths, depths, decode_tokens, trials, clear_cache=not keep_buffers,
+                                     back_to_back=back_to_back)
     limit = max(prompt_lengths + depths) + decode_tokens + 1
     if limit > model.config.max_position_embeddings:
         raise FoundryError(f"The longest run needs {limit} positions; the model's context is {model.config.max_position_embeddings}.")

@@ -55,3 +55,27 @@ def test_run_records_tflops_for_prefill_only():
     (ttft,) = results["prefill"].time_to_first_token
     assert tflops == pytest.approx(8e9 / ttft / 1e12)
     assert results["decode"].tflops == []
+
+
+@pytest.mark.parametrize("back_to_back", [False, True])
+def test_back_to_back_precedes_each_timed_run_with_the_same_request(back_to_back):
+    """Engines alternate by trial either way; with back_to_back each timed run (the ones recorded)
+    follows an untimed run of the same engine and prompt length."""
+    calls = []
+
+    def engine(name):
+        def stream(ids, max_tokens):
+            calls.append((name, len(ids), max_tokens))
+            yield from [None] * max_tokens
+        return bench.Engine(name, None, stream, 1000, 10)
+
+    config = bench.BenchConfig(prompt_lengths=(8,), depths=(0,), decode_tokens=2, trials=2, clear_cache=False,
+                               back_to_back=back_to_back)
+    results = bench.run([engine("a"), engine("b")], config, vocab_size=100, log=lambda line: None)
+    assert {(m.engine, m.kind): len(m.tokens_per_second) for m in results} == {
+        ("a", "prefill"): 2, ("a", "decode"): 2, ("b", "prefill"): 2, ("b", "decode"): 2}
+    timed = calls[4:]  # after the warm-up: a's prefill and decode, then b's
+    one_trial = [("a", 8, 1), ("a", 1, 3), ("b", 8, 1), ("b", 1, 3)]
+    if back_to_back:
+        one_trial = [run for run in one_trial for _ in range(2)]
+    assert timed == one_trial * 2
