@@ -141,7 +141,7 @@ def attention(
         return custom.decode_attention(q, cache.keys, cache.values, cache.valid_length(), scale)
     backend = _kernel_backend()
     if sdpa_prefill.enabled(backend) and sdpa_prefill.applies(q, mask):
-        return sdpa_prefill.run(backend, q, k, v, scale)  # one node for the three below (experimental)
+        return sdpa_prefill.run(backend, q, k, v, scale)  # one node for the three below (kernels/sdpa_prefill.py)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     batch, _, length, _ = q.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

@@ -187,10 +187,8 @@ def trace_switches() -> tuple[str, str, str]:
 
 
 def splits(backend: str, x: mx.array, weight: QuantizedWeight) -> int:
-    """The K ranges `run` splits this product into by default (1: none)."""
-    n, k = weight.shape
-    m = x.size // k
-    return split_k(backend, m, n, k, tile(backend, m, n))
+    """The K ranges `run` splits this product into by default (1: none): `_plan`'s choice."""
+    return _plan(backend, x, weight, None, None)[1]
 
 
 def run(backend: str, x: mx.array, weight: QuantizedWeight, bias: mx.array | None = None,

@@ -1,4 +1,4 @@
-"""Causal attention of a short prompt, one launch that writes (B, L, heads·D) (experimental).
+"""Causal attention of a short prompt, one launch that writes (B, L, heads·D).
 
 Why: a 128-token prefill of the 0.5B model is bound by MLX's host time per graph node, and MLX's
 fused attention (cuDNN on CUDA) costs 25.6 µs of host time per launch on the H200 against 4.7 µs
@@ -16,7 +16,7 @@ longer ones keep MLX's flash attention.
 
 That SIMD-group-per-row body is written in both backends' vocabulary (kernels/source.py) and is
 what Metal runs; on the H200 it cost more GPU time than it saved host time
-(benchmarks/results/h200-prefill-ab-6eb4c44.txt), so CUDA runs kernels/sdpa_prefill_mma.py instead:
+(benchmarks/results/h200-prefill-ab-attention-simt-6eb4c44.txt), so CUDA runs kernels/sdpa_prefill_mma.py instead:
 the same attention, its products on the tensor cores. `run` picks by backend.
 
 On by default on CUDA, where the tensor-core rendition measured faster than MLX's attention at
@@ -95,7 +95,7 @@ def kernel_source(scale: float) -> KernelSource:
     WARPS; inputs q (B, heads, L, D), k and v (B, kv_heads, S, D), contiguous; output (B, L, heads·D))."""
     body = _BODY.replace("SCALE", float_literal(scale))
     return KernelSource("foundry_prefill_attention_s" + literal_tag(scale), ("q", "k", "v"), ("out",), body,
-                        "#ifndef UNROLL\n#define UNROLL _Pragma(\"unroll\")\n#endif\n")
+                        sdpa_prefill_mma.UNROLL_HEADER)
 
 
 def launch(q: mx.array, k: mx.array, v: mx.array) -> Launch:

@@ -4,7 +4,7 @@ runs on CUDA.
 Why a second algorithm: the SIMD-group-per-row kernel (sdpa_prefill.py, kept for Metal) needs one
 SIMD sum per key per query row; on the H200 it cost more GPU time than it saved host time (0.5B
 pp128 5.26 / 5.37 ms against 4.94 / 5.23 with MLX's attention; 7B pp256 26.9 against 24.2 ms,
-benchmarks/results/h200-prefill-ab-6eb4c44.txt). Here the scores and the weighted sum are matrix
+benchmarks/results/h200-prefill-ab-attention-simt-6eb4c44.txt). Here the scores and the weighted sum are matrix
 products on `mma.sync.m16n8k16` (kernels/qgemm_primitives.py's `foundry_mma`), FlashAttention-2's
 scheme at a warp's scale:
 
@@ -38,7 +38,8 @@ from .source import KernelSource, float_literal, literal_tag
 
 ROWS = 16  # query rows a warp computes (the MMA's M)
 
-_HEADER = '#ifndef UNROLL\n#define UNROLL _Pragma("unroll")\n#endif\n' + MMA_CUDA + PACK2_CUDA
+UNROLL_HEADER = '#ifndef UNROLL\n#define UNROLL _Pragma("unroll")\n#endif\n'  # both attention kernels' headers
+_HEADER = UNROLL_HEADER + MMA_CUDA + PACK2_CUDA
 
 _BODY = """
   constexpr int KK = D / 16;                               // k-steps of Q·Kᵀ
